@@ -1,0 +1,86 @@
+"""Next-token predictions, batched: the core read-out shared by predict, filter and evaluate."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+
+from conceptfix.models import LoadedModel
+from conceptfix.progress import track
+
+
+@dataclass
+class TokenProb:
+    token_id: int
+    token: str
+    prob: float
+    logit: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batched(items: list, size: int) -> Iterator[list]:
+    if size < 1:
+        raise ValueError("batch size must be >= 1")
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def next_token_logits(
+    loaded: LoadedModel, prompts: list[str], *, batch_size: int = 16, progress: bool | None = None,
+    description: str = "forward",
+) -> Iterator[torch.Tensor]:
+    """Yield float32 CPU logits [B, vocab] at the last prompt position, one tensor per batch.
+
+    Left padding keeps the last real token at position -1 for every row of a batch.
+    """
+    batches = list(batched(prompts, batch_size))
+    for batch in track(batches, total=len(batches), description=description, enabled=progress):
+        enc = loaded.encode(batch)
+        out = loaded.model(**enc, use_cache=False, logits_to_keep=1)
+        yield out.logits[:, -1, :].float().cpu()
+
+
+def top_k_from_logits(loaded: LoadedModel, logits: torch.Tensor, k: int) -> list[TokenProb]:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = torch.topk(logprobs, k)
+    return [
+        TokenProb(token_id=int(i), token=loaded.token_str(int(i)), prob=math.exp(float(v)), logit=float(logits[i]))
+        for v, i in zip(values, indices)
+    ]
+
+
+def top_k_predictions(
+    loaded: LoadedModel, prompts: list[str], *, k: int = 10, batch_size: int = 16, progress: bool | None = None,
+) -> list[list[TokenProb]]:
+    results: list[list[TokenProb]] = []
+    for logits in next_token_logits(loaded, prompts, batch_size=batch_size, progress=progress):
+        results.extend(top_k_from_logits(loaded, row, k) for row in logits)
+    return results
+
+
+@torch.no_grad()
+def complete_word(loaded: LoadedModel, prompt: str, first_token_id: int, *, max_new_tokens: int = 8) -> str:
+    """The whole word that starts with `first_token_id`, by greedy continuation (`` ren`` → "renin").
+
+    Stops at the first token that begins a new word (leading whitespace) or is not a word piece.
+    """
+    enc = loaded.encode([prompt])
+    ids = torch.cat([enc["input_ids"], torch.tensor([[first_token_id]], device=enc["input_ids"].device)], dim=1)
+    word = loaded.token_str(first_token_id)
+    for _ in range(max_new_tokens):
+        logits = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
+        next_id = int(torch.argmax(logits))
+        piece = loaded.token_str(next_id)
+        if not piece or piece[0].isspace() or not (piece[0].isalnum() or piece[0] in "-'"):
+            break
+        if next_id == getattr(loaded.tokenizer, "eos_token_id", None):
+            break
+        word += piece
+        ids = torch.cat([ids, torch.tensor([[next_id]], device=ids.device)], dim=1)
+    return word.strip()
