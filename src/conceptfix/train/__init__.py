@@ -1,0 +1,1 @@
+"""Stage 6: supervised fine-tuning on concept texts."""
