@@ -69,6 +69,11 @@ class SFTConfig(BaseModel):
     seed_compat: bool = False
     trust_remote_code: bool = False
     target: TargetSpec | None = None
+    max_grad_norm: float = Field(1.0, ge=0.0)  # gradient clipping (0 = off)
+    # 0: a resumable checkpoint at the end of every epoch; N: every N optimizer steps.
+    checkpoint_steps: int = Field(0, ge=0)
+    keep_checkpoints: bool = False  # checkpoints only serve --resume; deleted after a finished run unless kept
+    merge_lora: bool = True         # LoRA: save merged full weights (loadable like any checkpoint) + the adapter
 
     @field_validator("texts")
     @classmethod
