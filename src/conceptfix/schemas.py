@@ -75,9 +75,12 @@ class TargetCase(BaseModel):
 class DroppedPrompt(BaseModel):
     prompt: str
     answer: str
-    reason: str  # top1_correct | top1_ambiguous | correct_not_in_top5 | correct_rank_too_low | invalid
+    reason: str  # top1_correct | top1_ambiguous | correct_rank_too_low | correct_not_in_top_k | invalid
     detail: str = ""
     top1: str | None = None
+    top1_prob: float | None = None
+    # Rank of the answer's first token over the whole vocabulary (1 = top-1); None when not computed.
+    correct_rank: int | None = None
 
 
 class FilterResult(BaseModel):
@@ -86,6 +89,7 @@ class FilterResult(BaseModel):
     model: str
     profile: dict[str, Any]
     top_k: int
+    max_rank: int = 5
     target_cases: list[TargetCase]
     dropped: list[DroppedPrompt] = Field(default_factory=list)
     summary: dict[str, int] = Field(default_factory=dict)

@@ -2,9 +2,10 @@
 
 A next-token candidate matches an answer when its stripped, lower-cased text is a prefix of the
 answer (`` ren`` → renin, `` al`` → aldosterone, `` Opt`` → optic). Single letters, articles,
-punctuation and other function words never match, unless the answer itself *is* that token
-(vitamin `` K``). A top-1 token that is a function word, punctuation or chat marker is "ambiguous":
-the model has not committed to an answer yet, so it cannot be *clearly* wrong.
+punctuation and other function words never match as a sub-word, only when they are the answer's
+whole first word (vitamin `` K``). A top-1 token that is a function word, modifier, punctuation or
+chat marker is "ambiguous": the model has not committed to an answer yet, so it cannot be *clearly*
+wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from conceptfix.errors import ConceptfixError
 FUNCTION_WORDS = frozenset(
     """
     a an the this that these those some any each every no not all both either neither
-    and or but nor so yet if then than as because while whereas although though
+    and or but nor so yet if then than as because while whereas although though however therefore thus hence
     of in on at to from by for with without within into onto upon over under about above below
     between among through during before after against around across along via per
     is are was were be been being am do does did has have had having can could may might must
@@ -30,6 +31,23 @@ FUNCTION_WORDS = frozenset(
     called known termed named referred considered defined described
     very more most less least much many few several such same other another
     just only even still too quite rather
+    probably likely actually really always never sometimes now namely indeed essentially basically
+    approximately nearly almost roughly
+    yes
+    """.split()
+)
+
+# Open-class words that open a phrase without naming the answer yet: degree/direction modifiers
+# ("increased constipation") and participles that continue the sentence ("is produced by the ...").
+# As a top-1 they mean the model has not committed to an answer, so they are not *clearly* wrong.
+MODIFIER_WORDS = frozenset(
+    """
+    increased decreased reduced elevated raised lowered impaired altered abnormal excessive excess
+    high higher low lower severe mild acute chronic significant important main major primary key
+    common rare normal general specific particular certain various different new
+    produced caused made found located released secreted regulated controlled mediated
+    characterized associated involved responsible used given seen related linked affected
+    because due
     """.split()
 )
 
@@ -53,7 +71,7 @@ def is_chat_marker(text: str, special_tokens: frozenset[str] = frozenset()) -> b
 
 
 def token_kind(text: str, special_tokens: frozenset[str] = frozenset()) -> str:
-    """One of: 'special', 'empty', 'punctuation', 'function', 'letter', 'content'."""
+    """One of: 'special', 'empty', 'punctuation', 'function', 'modifier', 'letter', 'content'."""
     if is_chat_marker(text, special_tokens):
         return "special"
     t = normalize(text)
@@ -63,28 +81,73 @@ def token_kind(text: str, special_tokens: frozenset[str] = frozenset()) -> str:
         return "punctuation"
     if t in FUNCTION_WORDS:
         return "function"
+    if t in MODIFIER_WORDS:
+        return "modifier"
     if len(t) == 1 and t.isalpha():
         return "letter"
     return "content"
 
 
 def token_matches_answer(token_text: str, answer: str, aliases: list[str] | tuple[str, ...] = ()) -> bool:
-    """True when the token could be the start of the answer (or one of its aliases)."""
-    t = normalize(token_text)
-    if not t:
+    """True when the token could be the start of the answer (or one of its aliases).
+
+    Content tokens match when they are a prefix of the answer (`` ren`` → renin). Function words,
+    modifiers and single letters match only as a whole word at the start of the answer (`` K`` →
+    "K", `` B`` → "B12", `` high`` → "high blood pressure"), never as a sub-word (`` a`` ↛
+    aldosterone). Punctuation only matches an answer that is exactly it; chat markers never match.
+    """
+    kind = token_kind(token_text)
+    if kind in ("special", "empty"):
         return False
+    t = normalize(token_text)
     for candidate in (answer, *aliases):
         a = normalize(candidate)
         if not a:
             continue
-        if token_kind(t) != "content":
-            # Function words, single letters and punctuation only match an answer that is exactly them.
-            if t == a:
+        if kind == "content":
+            if a.startswith(t):
                 return True
-            continue
-        if a.startswith(t):
+        elif kind == "punctuation":
+            if a == t:
+                return True
+        elif a.startswith(t) and (len(a) == len(t) or not a[len(t)].isalpha()):
             return True
     return False
+
+
+def answer_kind(answer: str) -> str:
+    """The kind of the answer's first word: 'letter' for "K" or "B12", 'content' for "aldosterone"."""
+    words = normalize(answer).split()
+    if not words:
+        return "empty"
+    first = words[0]
+    letters = re.match(r"[^\W\d_]+", first)
+    if letters and len(letters.group()) == 1 and len(first) > 1 and not first[1].isalpha():
+        return "letter"  # "b12", "c-reactive": the first token is a single letter
+    return token_kind(first)
+
+
+def is_comparable_top1(token_text: str, answer: str, special_tokens: frozenset[str] = frozenset()) -> bool:
+    """Can this top-1 token be *clearly* wrong for this answer?
+
+    A content token can. A function word, modifier, punctuation or chat marker cannot: the model has
+    not named anything yet. A single letter can only when the answer is itself a letter (`` B`` for
+    vitamin "C" is clearly wrong; `` a`` for "appendicitis" is not).
+    """
+    kind = token_kind(token_text, special_tokens)
+    if kind == "content":
+        return True
+    return kind == "letter" and answer_kind(answer) == "letter"
+
+
+def echoes_prompt(token_text: str, prompt: str) -> bool:
+    """True when the token is a whole word already in the prompt ("...organ of the human body is the" →
+    `` human``): a repetition that usually opens a longer phrase, not a committed answer."""
+    t = normalize(token_text)
+    if not t:
+        return False
+    words = {w for w in re.split(r"[^\w'-]+", normalize(prompt)) if w}
+    return t in words
 
 
 def is_content_token(token_text: str, special_tokens: frozenset[str] = frozenset()) -> bool:
@@ -106,6 +169,29 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
         ids = ids[1:]
     if not ids:
         raise ConceptfixError(f"answer {answer!r} does not tokenize to any token", field="answer")
+    return ids
+
+
+def check_answer(tokenizer, answer: str, *, field: str = "answer") -> list[int]:
+    """The answer's token ids, or a ConceptfixError saying why the answer cannot be matched.
+
+    Refuses answers without letters or digits, answers whose first token is the unknown token, and
+    answers whose first token is a byte fragment (decodes to U+FFFD): no top-k text can match those.
+    """
+    if not any(ch.isalnum() for ch in normalize(answer)):
+        raise ConceptfixError(f"answer {answer!r} has no letters or digits", field=field)
+    try:
+        ids = answer_token_ids(tokenizer, answer)
+    except ConceptfixError as exc:
+        raise ConceptfixError(str(exc), field=field) from None
+    if ids[0] == getattr(tokenizer, "unk_token_id", None) and tokenizer.unk_token_id is not None:
+        raise ConceptfixError(f"answer {answer!r} starts with the unknown token", field=field)
+    first = tokenizer.decode([ids[0]])
+    if "\ufffd" in first or not first.strip():
+        raise ConceptfixError(
+            f"answer {answer!r} does not tokenize into readable tokens (first token {first!r} is a byte fragment)",
+            field=field, hint="remove invisible or control characters",
+        )
     return ids
 
 
