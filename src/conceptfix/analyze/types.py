@@ -58,7 +58,9 @@ class NeuronScores:
     activations: torch.Tensor      # [layers, positions, neurons] fp32 cpu, input of down_proj
     scores: torch.Tensor           # [layers, positions, neurons] activation × modified gradient
     embedding_scores: torch.Tensor  # [positions] sum over d_model of embedding × modified gradient
-    conservation_residual: float   # |sum(embedding_scores) − metric_value| / |metric_value|
+    conservation_residual: float   # |sum(embedding_scores) + bias_contribution − metric_value| / |metric_value|
+    gradients: torch.Tensor | None = None  # [layers, positions, neurons] the modified gradient (scores / activations)
+    bias_contribution: float = 0.0  # relevance of constant biases (Qwen2 v_proj, lm_head ...); 0 for Llama
 
 
 @dataclass
@@ -92,3 +94,4 @@ class PrunedGraph:
     rule: dict                      # e.g. {"method": "tau", "tau": 0.05}
     explained_fraction: float       # sum(kept scores) / metric_value
     edges: list[tuple[str, str, float]] = field(default_factory=list)  # (source id, target id, weight)
+    edge_stats: dict = field(default_factory=dict)  # per-target conservation of edge weights (see edges.py)
