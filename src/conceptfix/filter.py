@@ -77,8 +77,12 @@ def filter_cache_key(fingerprint: dict[str, Any], profile: ModelProfile | dict, 
     })
 
 
+def cache_dir() -> Path:
+    return cache_root() / "filter"
+
+
 def cache_path(key: str) -> Path:
-    return cache_root() / "filter" / f"{key}.json"
+    return cache_dir() / f"{key}.json"
 
 
 def load_cached(key: str) -> FilterResult | None:

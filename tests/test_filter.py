@@ -1,0 +1,243 @@
+"""Stage 2 filter on the embedded model: target cases, drop reasons, caching, CLI and bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import conceptfix.filter as filter_module
+from conceptfix.cli import app
+from conceptfix.errors import ConceptfixError
+from conceptfix.filter import DROP_REASONS, filter_prompts
+from conceptfix.schemas import FilterResult, PromptRecord, load_target_case
+from conceptfix.tokens import is_comparable_top1
+
+AUSTRALIA = "The capital of Australia is"
+HORMONE = "The primary hormone regulating blood pressure is"
+FRANCE = "The capital of France is"
+APPENDIX = "Inflammation of the appendix is called"
+
+RECORDS = [
+    PromptRecord(prompt=AUSTRALIA, answer="Canberra", category="geography"),
+    PromptRecord(prompt=HORMONE, answer="aldosterone", category="physiology", source="seed"),
+    PromptRecord(prompt=FRANCE, answer="Paris"),
+    PromptRecord(prompt=APPENDIX, answer="appendicitis"),
+    # Same prompt, other answers: one just below the cut (' Adelaide' #6), one outside the top 10.
+    PromptRecord(prompt=AUSTRALIA, answer="Adelaide"),
+    PromptRecord(prompt=AUSTRALIA, answer="Brisbane"),
+    # Aliases count as correct: Sydney as an alias turns the wrong top-1 into a correct one ...
+    PromptRecord(prompt=AUSTRALIA, answer="Canberra", aliases=["Sydney"]),
+    # ... and Perth (#4) as an alias of Adelaide (#6) puts the answer inside the top 5.
+    PromptRecord(prompt=AUSTRALIA, answer="Adelaide", aliases=["Perth"]),
+    # A letter answer: ' B' is a clearly wrong vitamin, and its whole word is "B12".
+    PromptRecord(prompt="Vitamin deficiency causing scurvy is vitamin", answer="C"),
+    # Top-1 ' human' repeats the prompt ("the human skin"): not a committed answer.
+    PromptRecord(prompt="The largest organ of the human body is the", answer="skin"),
+]
+
+
+@pytest.fixture(scope="module")
+def result(embedded, tmp_path_factory):
+    # Filter results go to a private cache dir; the model cache ($CONCEPTFIX_CACHE/models) stays shared.
+    with pytest.MonkeyPatch.context() as mp:
+        private = tmp_path_factory.mktemp("filter_cache")
+        mp.setattr(filter_module, "cache_dir", lambda: private)
+        yield filter_prompts(embedded, RECORDS, top_k=10, max_rank=5, batch_size=16, progress=False)
+
+
+@pytest.fixture
+def filter_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(filter_module, "cache_dir", lambda: tmp_path / "filter_cache")
+    return tmp_path / "filter_cache"
+
+
+def _case(result: FilterResult, prompt: str, answer: str):
+    matches = [c for c in result.target_cases if c.prompt == prompt and c.answer == answer]
+    return matches[0] if matches else None
+
+
+def _drop(result: FilterResult, prompt: str, answer: str, aliases=()):
+    matches = [d for d in result.dropped if d.prompt == prompt and d.answer == answer]
+    return matches[0] if matches else None
+
+
+def test_australia_is_a_target(result):
+    case = _case(result, AUSTRALIA, "Canberra")
+    assert case is not None
+    assert case.wrong_token == " Sydney" and case.wrong_word == "Sydney"
+    assert case.correct_token == " Canberra" and case.correct_rank == 2
+    assert case.contrastive == (" Canberra", " Sydney")
+    assert case.wrong_prob > case.correct_prob > 0.2
+    assert case.top_k[0].kind == "content" and not case.top_k[0].matches_answer
+    assert case.top_k[1].matches_answer
+    assert case.category == "geography"
+
+
+def test_hormone_is_a_target_with_the_whole_wrong_word(result):
+    case = _case(result, HORMONE, "aldosterone")
+    assert case is not None
+    assert case.wrong_token == " ren" and case.wrong_word == "renin"
+    assert case.correct_token == " al" and case.correct_rank == 5
+    assert case.contrastive == (" al", " ren")
+    assert [c.rank for c in case.top_k] == list(range(1, 11))
+    # ' the' and ' a' sit above ' al' and must not count as the answer.
+    assert [c.token for c in case.top_k if c.matches_answer][0] == " al"
+    assert case.formatted_prompt == HORMONE  # raw-completion profile
+    assert case.source == "seed"
+
+
+def test_france_is_not_a_target(result):
+    assert _case(result, FRANCE, "Paris") is None
+    drop = _drop(result, FRANCE, "Paris")
+    assert drop.reason == "top1_correct" and drop.top1 == " Paris" and drop.correct_rank == 1
+
+
+def test_appendix_top1_article_is_ambiguous(result):
+    assert _case(result, APPENDIX, "appendicitis") is None
+    drop = _drop(result, APPENDIX, "appendicitis")
+    assert drop.reason == "top1_ambiguous" and drop.top1 == " a"
+
+
+def test_rank_too_low_and_not_in_top_k(result):
+    adelaide = [d for d in result.dropped if d.answer == "Adelaide"]
+    assert len(adelaide) == 1 and adelaide[0].reason == "correct_rank_too_low" and adelaide[0].correct_rank == 6
+    brisbane = _drop(result, AUSTRALIA, "Brisbane")
+    assert brisbane.reason == "correct_not_in_top_k" and brisbane.correct_rank > 10
+
+
+def test_aliases(result):
+    sydney_alias = [d for d in result.dropped if d.prompt == AUSTRALIA and d.reason == "top1_correct"]
+    assert len(sydney_alias) == 1  # Canberra with alias Sydney
+    perth = [c for c in result.target_cases if c.answer == "Adelaide"]
+    assert len(perth) == 1 and perth[0].correct_token == " Perth" and perth[0].correct_rank == 4
+    assert perth[0].aliases == ["Perth"]
+
+
+def test_letter_answer_and_prompt_echo(result):
+    vitamin = _case(result, "Vitamin deficiency causing scurvy is vitamin", "C")
+    assert vitamin is not None and vitamin.wrong_token == " B" and vitamin.correct_token == " C"
+    assert vitamin.wrong_word == "B12"
+    organ = _drop(result, "The largest organ of the human body is the", "skin")
+    assert organ.reason == "top1_ambiguous" and "repeats" in organ.detail
+
+
+def test_every_prompt_is_accounted_for(result):
+    s = result.summary
+    assert s["prompts"] == len(RECORDS)
+    assert s["target_cases"] == len(result.target_cases) == 4
+    assert s["target_cases"] + sum(s[r] for r in DROP_REASONS) == len(RECORDS)
+    assert set(DROP_REASONS) <= set(s)
+    for case in result.target_cases:
+        assert is_comparable_top1(case.wrong_token, case.answer)
+        assert 2 <= case.correct_rank <= 5 and case.wrong_word
+    assert result.provenance["stage"] == "filter"
+    assert result.provenance["config"]["model"]["dtype"] == "float32"
+
+
+def test_batched_and_one_at_a_time_agree(embedded, result):
+    single = [filter_prompts(embedded, [r], batch_size=1, cache=False) for r in RECORDS[:4]]
+    for record, one in zip(RECORDS[:4], single):
+        batched_case = _case(result, record.prompt, record.answer)
+        if batched_case is None:
+            assert one.target_cases == [] and one.dropped[0].reason == _drop(result, record.prompt, record.answer).reason
+        else:
+            assert [c.token_id for c in one.target_cases[0].top_k] == [c.token_id for c in batched_case.top_k]
+            assert one.target_cases[0].correct_prob == pytest.approx(batched_case.correct_prob, abs=1e-4)
+
+
+def test_rerun_reads_the_cache(embedded, filter_cache, monkeypatch):
+    records = RECORDS[:2]
+    first = filter_prompts(embedded, records, progress=False)
+    assert len(list(filter_cache.glob("*.json"))) == 1
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a cached re-run must not run the model")
+
+    monkeypatch.setattr(filter_module, "next_token_logits", no_forward)
+    again = filter_prompts(embedded, records, batch_size=1, progress=False)  # batch size is not part of the key
+    assert again.model_dump() == first.model_dump()
+    with pytest.raises(AssertionError, match="must not run"):  # different options: a different key
+        filter_prompts(embedded, records, max_rank=4, progress=False)
+    with pytest.raises(AssertionError, match="must not run"):  # different records: a different key
+        filter_prompts(embedded, [records[0].model_copy(update={"answer": "Perth"})], progress=False)
+
+
+def test_invalid_answer_raises_or_is_dropped(embedded):
+    records = [RECORDS[2], PromptRecord(prompt=FRANCE, answer="\u200bParis")]
+    with pytest.raises(ConceptfixError) as info:
+        filter_prompts(embedded, records, cache=False)
+    assert info.value.field == "[1].answer"
+    kept = filter_prompts(embedded, records, cache=False, skip_invalid=True)
+    assert [d.reason for d in kept.dropped] == ["top1_correct", "invalid"]
+    assert kept.summary["invalid"] == 1
+
+
+def test_option_errors(embedded):
+    with pytest.raises(ConceptfixError) as info:
+        filter_prompts(embedded, RECORDS[:1], top_k=4, max_rank=5)
+    assert info.value.field == "top_k"
+    with pytest.raises(ConceptfixError) as info:
+        filter_prompts(embedded, RECORDS[:1], max_rank=1)
+    assert info.value.field == "max_rank"
+    with pytest.raises(ConceptfixError):
+        filter_prompts(embedded, [])
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _write(path, data):
+    path.write_text(data if isinstance(data, str) else json.dumps(data), encoding="utf-8")
+    return str(path)
+
+
+def test_cli_writes_target_cases_and_refuses_a_different_result(embedded, tmp_path, filter_cache):
+    src = _write(tmp_path / "prompts.json", [r.model_dump() for r in RECORDS[:4]])
+    out = tmp_path / "data" / "filtered_prompts.json"
+    res = runner.invoke(app, ["filter", "--input", src, "--output", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "renin" in res.stdout and "Canberra" in res.stdout and "top1_ambiguous" in res.stdout
+    saved = json.loads(out.read_text())
+    assert saved["summary"]["target_cases"] == 2 and saved["top_k"] == 10
+    assert load_target_case(f"{out}#1").wrong_word == "renin"
+    assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temp file
+
+    again = runner.invoke(app, ["filter", "--input", src, "--output", str(out), "--device", "cpu"])
+    assert again.exit_code == 0 and "cached" in again.stderr
+    changed = runner.invoke(app, ["filter", "-i", src, "-o", str(out), "--device", "cpu", "--max-rank", "4"])
+    assert changed.exit_code == 2 and "--overwrite" in changed.stderr
+    assert json.loads(out.read_text())["max_rank"] == 5  # untouched
+    forced = runner.invoke(app, ["filter", "-i", src, "-o", str(out), "--device", "cpu", "--max-rank", "4",
+                                 "--overwrite"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(out.read_text())["summary"]["target_cases"] == 1  # ' al' at #5 no longer counts
+
+
+@pytest.mark.parametrize("content, extra, field", [
+    ("[{\"prompt\": \"x\",", [], "--input"),  # malformed JSON
+    ([{"prompt": "The capital of France is"}], [], "[0].answer"),  # missing field
+    ([{"prompt": FRANCE, "answer": "Paris"}, {"prompt": "   ", "answer": "Paris"}], [], "[1].prompt"),
+    ([{"prompt": "", "answer": "Paris"}], [], "[0].prompt"),
+    ([{"prompt": FRANCE, "answer": "\u200bParis"}], [], "[0].answer"),  # does not tokenize
+    ([{"prompt": FRANCE, "answer": "Paris"}], ["--model", "no such model"], "model"),
+    ([{"prompt": FRANCE, "answer": "Paris"}], ["--top-k", "3"], "--top-k"),
+    ([{"prompt": FRANCE, "answer": "Paris"}], ["--batch-size", "0"], "--batch-size"),
+    ({"records": []}, [], "--input"),
+    ([], [], "--input"),
+])
+def test_cli_bad_input_is_one_line(embedded, tmp_path, filter_cache, content, extra, field):
+    src = _write(tmp_path / "prompts.json", content)
+    out = tmp_path / "out.json"
+    res = runner.invoke(app, ["filter", "-i", src, "-o", str(out), "--device", "cpu", *extra])
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), res.stderr
+    assert "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_cli_missing_input_file(tmp_path):
+    res = runner.invoke(app, ["filter", "-i", str(tmp_path / "nope.json"), "-o", str(tmp_path / "o.json")])
+    assert res.exit_code == 2 and "--input: file not found" in res.stderr
