@@ -324,3 +324,38 @@ def test_cli_openai_malformed_answers_are_one_line(tmp_path, httpserver):
                                  KEY_ENV, "--llm-model", "local", "-o", str(out)), "--llm-model")
     assert "malformed JSON" in line
     assert not out.exists()
+
+
+# --- file provider: a user's own list, same rules --------------------------------------------------
+
+@pytest.mark.parametrize("content, field", [
+    ('[{"prompt": "The capital of France is",', "--input"),  # malformed JSON
+    ('{"records": []}', "--input"),
+    ("[]", "--input"),
+])
+def test_cli_file_provider_bad_file_is_one_line(tmp_path, content, field):
+    src = tmp_path / "mine.json"
+    src.write_text(content)
+    out = tmp_path / "p.json"
+    one_line_error(invoke("--provider", "file", "--input", str(src), "--all", "-o", str(out)), field)
+    assert not out.exists()
+
+
+def test_cli_file_provider_reports_broken_records_with_field(tmp_path):
+    src = tmp_path / "mine.json"
+    src.write_text(json.dumps([
+        {"prompt": "The capital of France is", "answer": "Paris", "category": "geography"},
+        {"prompt": "The capital of Japan is"},
+        {"prompt": "   ", "answer": "Tokyo"},
+        {"prompt": "What is the capital of Italy?", "answer": "Rome"},
+    ]))
+    out = tmp_path / "p.json"
+    res = invoke("--provider", "file", "--input", str(src), "--all", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    assert [r["prompt"] for r in json.loads(out.read_text())] == ["The capital of France is"]
+    rejected = json.loads((tmp_path / "p.rejected.json").read_text())
+    assert [(r["violations"][0]["rule"], r["violations"][0]["field"]) for r in rejected] == [
+        ("missing_field", "answer"), ("empty", "prompt"), ("question_format", "prompt")]
+    one_line_error(invoke("--provider", "file", "--input", str(src), "--n", "5", "--batches", "1",
+                          "-o", str(tmp_path / "q.json")), "--n")
+    one_line_error(invoke("--input", str(src), "-o", str(tmp_path / "r.json")), "--input")

@@ -169,3 +169,15 @@ def test_parse_json_content_accepts_only_json():
         parse_json_content("Sure! Here is the JSON: {}")
     with pytest.raises(ValueError):
         parse_json_content(None)
+
+
+def test_server_without_json_schema_falls_back_to_json_mode(httpserver):
+    httpserver.expect_ordered_request(ROUTE, method="POST").respond_with_json(
+        {"error": {"message": "response_format type json_schema is not supported"}}, status=400)
+    httpserver.expect_ordered_request(ROUTE, method="POST").respond_with_json(completion('{"label": "x"}'))
+    schema = {"type": "object", "properties": {"label": {"type": "string"}}}
+    client = make_client(httpserver)
+    assert client.complete_json("Label it.", "n", schema=schema) == {"label": "x"}
+    second = httpserver.log[1][0].get_json()
+    assert second["response_format"] == {"type": "json_object"}
+    assert '"label"' in second["messages"][0]["content"]  # the schema travels in the instructions instead

@@ -44,6 +44,14 @@ class LLMUsage:
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
+class RequestRejected(ConceptfixError):
+    """The server refused the request itself (4xx other than 408/409/429): retrying would not help."""
+
+    def __init__(self, status: int, message: str, **kwargs):
+        self.status = status
+        super().__init__(message, **kwargs)
+
+
 def _is_openai_host(base_url: str | None) -> bool:
     return base_url is None or OPENAI_DEFAULT_HOST in base_url
 
@@ -94,6 +102,8 @@ class LLMClient:
             raise ConceptfixError("model name is empty", field="--llm-model")
         import openai
 
+        # The SDK itself honours OPENAI_BASE_URL; so does the key check below.
+        base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         self.model = model
         self.base_url = base_url
         self.api_key_env = api_key_env
@@ -112,7 +122,8 @@ class LLMClient:
     def describe(self) -> dict[str, Any]:
         """Settings for provenance (never the key)."""
         return {"model": self.model, "base_url": self.base_url or f"https://{OPENAI_DEFAULT_HOST}/v1",
-                "api_key_env": self.api_key_env, "temperature": self.temperature, "seed": self.seed}
+                "api_key_env": self.api_key_env, "temperature": self.temperature, "seed": self.seed,
+                "openai_sdk": _sdk_version()}
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -136,7 +147,17 @@ class LLMClient:
         messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
         last_problem = ""
         for attempt in range(self.json_retries + 1):
-            content = self._chat(messages, response_format)
+            try:
+                content = self._chat(messages, response_format)
+            except RequestRejected as exc:
+                if exc.status != 400 or response_format["type"] != "json_schema":
+                    raise
+                # Some OpenAI-compatible servers lack json_schema; JSON mode plus the schema in words still works.
+                log.warning("%s rejected response_format json_schema; falling back to json_object", self._where())
+                response_format = {"type": "json_object"}
+                messages[0] = {"role": "system", "content": system.rstrip()
+                               + "\nThe JSON must follow this JSON Schema:\n" + json.dumps(schema)}
+                content = self._chat(messages, response_format)
             try:
                 return parse_json_content(content)
             except (ValueError, json.JSONDecodeError) as exc:
@@ -207,14 +228,15 @@ class LLMClient:
             pass  # an HTTP date or garbage: keep the exponential delay
         return max(0.0, min(delay, _MAX_BACKOFF_S))
 
-    def _status_error(self, exc) -> ConceptfixError:
+    def _status_error(self, exc) -> RequestRejected:
         status = exc.status_code
         if status == 401:
-            return ConceptfixError(f"{self._where()} rejected the API key (401)", field=self.api_key_env,
+            return RequestRejected(status, f"{self._where()} rejected the API key (401)", field=self.api_key_env,
                                    hint=f"check the key in ${self.api_key_env}")
         if status == 404:
-            return ConceptfixError(f"{self._where()} does not know model {self.model!r} (404)", field="--llm-model")
-        return ConceptfixError(f"{self._where()} refused the request ({_describe(exc)})", field="--llm-model")
+            return RequestRejected(status, f"{self._where()} does not know model {self.model!r} (404)",
+                                   field="--llm-model")
+        return RequestRejected(status, f"{self._where()} refused the request ({_describe(exc)})", field="--llm-model")
 
     def _where(self) -> str:
         return self.base_url or OPENAI_DEFAULT_HOST
@@ -226,3 +248,9 @@ def _describe(exc: Exception) -> str:
     if len(message) > 200:
         message = message[:200] + "…"
     return f"HTTP {status}: {message}" if status else f"{type(exc).__name__}: {message}"
+
+
+def _sdk_version() -> str:
+    import openai
+
+    return getattr(openai, "__version__", "unknown")

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from conceptfix.cli_app import command, err, out
+from conceptfix.cli_app import command, out
 from conceptfix.errors import ConceptfixError
 
 
@@ -20,10 +20,11 @@ def sibling_paths(output: Path) -> tuple[Path, Path]:
 
 @command("generate")
 def generate_command(
-    provider: Annotated[str, typer.Option(help="bank (offline curated prompts) or openai (any OpenAI-compatible server).")] = "bank",
+    provider: Annotated[str, typer.Option(help="bank (offline curated prompts), openai (any OpenAI-compatible server) or file (check your own --input list).")] = "bank",
+    input_path: Annotated[Optional[Path], typer.Option("--input", "-i", help="Prompt list (JSON) for --provider file.")] = None,
     n: Annotated[int, typer.Option("--n", help="Prompts per batch.")] = 25,
     batches: Annotated[int, typer.Option(help="Number of batches (later batches are deduplicated against earlier ones).")] = 4,
-    take_all: Annotated[bool, typer.Option("--all", help="Take the whole bank (bank provider only).")] = False,
+    take_all: Annotated[bool, typer.Option("--all", help="Take every prompt of the bank (or of the --input file).")] = False,
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the prompt list (JSON).")] = Path("data/medical_prompts.json"),
     seed: Annotated[int, typer.Option(help="Sampling seed (bank order; passed to the LLM where supported).")] = 0,
     category: Annotated[Optional[list[str]], typer.Option("--category", help="Keep only this category (repeatable).")] = None,
@@ -38,8 +39,10 @@ def generate_command(
     from conceptfix.artifacts import provenance, write_artifact, write_json
     from conceptfix.generate import generate_prompts, make_provider
 
-    if take_all and provider != "bank":
-        raise ConceptfixError("--all only applies to the bank provider", field="--all", hint="pass --n instead")
+    if take_all and provider == "openai":
+        raise ConceptfixError("--all does not apply to the openai provider", field="--all", hint="pass --n instead")
+    if input_path is not None and provider != "file":
+        raise ConceptfixError("--input needs --provider file", field="--input")
     if not take_all and n < 1:
         raise ConceptfixError("must be at least 1", field="--n")
     if batches < 1:
@@ -51,9 +54,9 @@ def generate_command(
         raise ConceptfixError(f"{output} already exists", field="--output", hint="choose another path or pass --overwrite")
 
     source = make_provider(provider, categories=category, llm_model=llm_model, base_url=base_url,
-                           api_key_env=api_key_env, temperature=temperature)
-    with err.status(f"generating prompts with {provider} …"):
-        result = generate_prompts(source, None if take_all else n, batches, seed, topic=topic)
+                           api_key_env=api_key_env, temperature=temperature,
+                           input_path=str(input_path) if input_path is not None else None)
+    result = generate_prompts(source, None if take_all else n, batches, seed, topic=topic)
 
     rejected_path, meta_path = sibling_paths(output)
     if not result.accepted:
@@ -64,7 +67,8 @@ def generate_command(
     write_artifact(output, records, overwrite=overwrite)
     write_json(rejected_path, [r.model_dump(mode="json") for r in result.rejected])
     config = {"provider": provider, "n": None if take_all else n, "batches": batches, "all": take_all, "seed": seed,
-              "categories": category, "topic": topic, "output": str(output)}
+              "categories": category, "topic": topic, "output": str(output),
+              "input": str(input_path) if input_path is not None else None}
     meta = provenance("generate", config)
     meta["provider"] = source.describe()
     meta["summary"] = result.summary()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from conceptfix.errors import ConceptfixError
 from conceptfix.generate.bank import BankProvider, load_bank, sample_bank
 from conceptfix.generate.validator import RULES, RuleViolation, normalize_text, validate_prompt
+from conceptfix.progress import track
 from conceptfix.schemas import PromptRecord
 
 __all__ = [
@@ -89,6 +90,7 @@ def generate_prompts(
     seed: int = 0,
     *,
     topic: str = "medical",
+    progress: bool | None = None,
 ) -> GenerationResult:
     """Collect `n` prompts per batch over `batches` batches (`n=None`: the provider's whole supply).
 
@@ -106,9 +108,12 @@ def generate_prompts(
         return [r.prompt for r in result.accepted]
 
     kwargs: dict[str, Any] = {"topic": topic}
-    if provider.name != "bank":
+    if provider.name == "openai":  # the LLM is told what exists so that later batches bring new prompts
         kwargs["known_prompts"] = known_prompts
-    for batch_index, batch in enumerate(provider.batches(n, batches, seed, **kwargs)):
+    stream = provider.batches(n, batches, seed, **kwargs)
+    if provider.name == "openai":  # one request per batch: worth a progress bar
+        stream = track(stream, total=batches, description="LLM batches", enabled=progress)
+    for batch_index, batch in enumerate(stream):
         result.batches += 1
         for item in batch:
             item = clean_record(item, default_source=provider.name)
@@ -134,10 +139,16 @@ def generate_prompts(
 
 def make_provider(name: str, *, categories: Sequence[str] | None = None, llm_model: str = "gpt-4o",
                   base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.7,
-                  max_retries: int = 4, timeout: float = 60.0) -> PromptProvider:
-    """A provider by name: 'bank' (offline) or 'openai' (any OpenAI-compatible server)."""
+                  max_retries: int = 4, timeout: float = 60.0, input_path: str | None = None) -> PromptProvider:
+    """A provider by name: 'bank' (offline), 'openai' (any OpenAI-compatible server) or 'file' (your JSON list)."""
     if name == "bank":
         return BankProvider(categories)
+    if name == "file":
+        from conceptfix.generate.file_provider import FileProvider
+
+        if input_path is None:
+            raise ConceptfixError("the file provider needs a prompt list", field="--input", hint="pass --input FILE.json")
+        return FileProvider(input_path)
     if name == "openai":
         from conceptfix.generate.openai_provider import OpenAIProvider
         from conceptfix.llm import LLMClient
@@ -145,7 +156,7 @@ def make_provider(name: str, *, categories: Sequence[str] | None = None, llm_mod
         client = LLMClient(model=llm_model, base_url=base_url, api_key_env=api_key_env, max_retries=max_retries,
                            timeout=timeout, temperature=temperature)
         return OpenAIProvider(client, categories)
-    raise ConceptfixError(f"unknown provider {name!r}", field="--provider", hint="use bank or openai")
+    raise ConceptfixError(f"unknown provider {name!r}", field="--provider", hint="use bank, openai or file")
 
 
 def __getattr__(name: str):
