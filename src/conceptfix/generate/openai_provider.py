@@ -107,7 +107,8 @@ class OpenAIProvider:
             payload = self.client.complete_json(SYSTEM_PROMPT, user_message(n, topic or "medical", self.categories,
                                                                             avoid),
                                                 schema=RESPONSE_SCHEMA, schema_name="prompt_batch", strict=True)
-            records = extract_records(payload)
+            # A model that writes more than asked for does not get to decide the batch size.
+            records = extract_records(payload)[:n]
             for item in records:
                 if isinstance(item, dict):
                     item["source"] = f"openai:{self.client.model}"
