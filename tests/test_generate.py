@@ -359,3 +359,8 @@ def test_cli_file_provider_reports_broken_records_with_field(tmp_path):
     one_line_error(invoke("--provider", "file", "--input", str(src), "--n", "5", "--batches", "1",
                           "-o", str(tmp_path / "q.json")), "--n")
     one_line_error(invoke("--input", str(src), "-o", str(tmp_path / "r.json")), "--input")
+    geo = tmp_path / "geo.json"
+    assert invoke("--provider", "file", "-i", str(src), "--all", "--category", "geography", "-o", str(geo)).exit_code == 0
+    assert len(json.loads(geo.read_text())) == 1
+    one_line_error(invoke("--provider", "file", "-i", str(src), "--all", "--category", "pharmacology",
+                          "-o", str(tmp_path / "s.json")), "--category")

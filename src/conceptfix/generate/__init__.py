@@ -148,7 +148,7 @@ def make_provider(name: str, *, categories: Sequence[str] | None = None, llm_mod
 
         if input_path is None:
             raise ConceptfixError("the file provider needs a prompt list", field="--input", hint="pass --input FILE.json")
-        return FileProvider(input_path)
+        return FileProvider(input_path, categories)
     if name == "openai":
         from conceptfix.generate.openai_provider import OpenAIProvider
         from conceptfix.llm import LLMClient

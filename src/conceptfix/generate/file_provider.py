@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from conceptfix.errors import ConceptfixError
 
@@ -30,10 +30,17 @@ def read_prompt_list(path: str | Path) -> list[Any]:
 class FileProvider:
     name = "file"
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, categories: Sequence[str] | None = None):
         self.path = Path(path)
         self.records = read_prompt_list(self.path)
         self.model = None
+        if categories:
+            wanted = {c.strip().lower() for c in categories}
+            self.records = [r for r in self.records
+                            if isinstance(r, dict) and str(r.get("category", "general")).lower() in wanted]
+            if not self.records:
+                raise ConceptfixError(f"{self.path} has no prompts in categories {', '.join(categories)}",
+                                      field="--category")
 
     def describe(self) -> dict:
         return {"provider": self.name, "input": str(self.path), "records": len(self.records)}
