@@ -61,6 +61,8 @@ class SFTConfig(BaseModel):
     lora: LoraSpec = Field(default_factory=LoraSpec)
     gradient_checkpointing: bool = False
     optimizer: str = "adamw_torch"         # any transformers `optim` name, e.g. adamw_torch_fused, adamw_bnb_8bit
+    # transformers `optim_args`, e.g. "bf16_stochastic_round=True" for adamw_torch_8bit (torchao)
+    optim_args: str | None = None
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"
     logging_steps: int = Field(1, ge=1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,8 +147,10 @@ def update_steps(cfg: SFTConfig, n_examples: int, world_size: int = 1) -> tuple[
 
 
 def build_trainer(cfg: SFTConfig, model, tokenizer, dataset: TextDataset, *, checkpoint_dir: str | Path,
-                  device: str, callbacks: Sequence = (), save_checkpoints: bool = True, progress: bool | None = None):
-    """A configured transformers Trainer (also used by benchmarks/sft.py)."""
+                  device: str, callbacks: Sequence = (), save_checkpoints: bool = True, progress: bool | None = None,
+                  args_overrides: dict[str, Any] | None = None):
+    """A configured transformers Trainer (also used by benchmarks/sft.py, which passes ``args_overrides``
+    such as ``max_steps`` or ``bf16=True`` for fp32 master weights under bf16 autocast)."""
     from transformers import Trainer, TrainingArguments
 
     from conceptfix.progress import progress_enabled
@@ -162,7 +165,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, dataset: TextDataset, *, che
         save = {"save_strategy": "steps", "save_steps": cfg.checkpoint_steps}
     else:
         save = {"save_strategy": "epoch"}
-    args = TrainingArguments(
+    kwargs: dict[str, Any] = dict(
         output_dir=str(checkpoint_dir),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
@@ -172,6 +175,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, dataset: TextDataset, *, che
         lr_scheduler_type=cfg.lr_scheduler,
         weight_decay=cfg.weight_decay,
         optim=cfg.optimizer,
+        optim_args=cfg.optim_args,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
         save_total_limit=2,
@@ -179,6 +183,7 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, dataset: TextDataset, *, che
         data_seed=cfg.seed,
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "cpu" and world_size > 1 else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used in each step
         report_to="none",
         disable_tqdm=not progress_enabled(progress),
         remove_unused_columns=False,
@@ -186,6 +191,8 @@ def build_trainer(cfg: SFTConfig, model, tokenizer, dataset: TextDataset, *, che
         **save,
         **_checkpointing_args(TrainingArguments, cfg.gradient_checkpointing),
     )
+    kwargs.update(args_overrides or {})
+    args = TrainingArguments(**kwargs)
     return Trainer(model=model, args=args, train_dataset=dataset, data_collator=make_collator(tokenizer),
                    processing_class=tokenizer, callbacks=list(callbacks))
 
@@ -272,7 +279,7 @@ def training_log(log_history: list[dict]) -> list[dict]:
     return [{k: entry[k] for k in keep if k in entry} for entry in log_history if "loss" in entry]
 
 
-def plot_loss(entries: list[dict], path: Path, title: str) -> None:
+def plot_loss(entries: list[dict], path: Path, title: str, ylabel: str = "training loss (text tokens)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +291,7 @@ def plot_loss(entries: list[dict], path: Path, title: str) -> None:
     steps = [e["step"] for e in entries]
     ax.plot(steps, [e["loss"] for e in entries], marker="o", markersize=3)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (text tokens)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     if any("learning_rate" in e for e in entries):
@@ -349,8 +356,9 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
     _, total_steps = update_steps(cfg, len(dataset), state.num_processes)
     # Tokens counted over the steps this process actually ran (a resumed run skips the finished ones).
     fraction = steps_run / max(1, total_steps)
-    text_tok = dataset.text_tokens * cfg.epochs * fraction * state.num_processes
-    proc_tok = dataset.processed_tokens * cfg.epochs * fraction * state.num_processes
+    # (Every process holds the whole dataset; the distributed sampler gives each its share of an epoch.)
+    text_tok = dataset.text_tokens * cfg.epochs * fraction
+    proc_tok = dataset.processed_tokens * cfg.epochs * fraction
     result = TrainResult(
         output_dir=str(output_dir), status="resumed" if checkpoint else "trained",
         global_step=trainer.state.global_step, final_loss=log[-1]["loss"] if log else None,
@@ -370,7 +378,8 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
         write_json(output_dir / "train_log.json", {"config_hash": chash, "steps": log,
                                                    "per_text_tokens": [it.text_tokens for it in dataset.items]})
         if log:
-            plot_loss(log, output_dir / "loss.png", f"{cfg.model_name} · {cfg.method} · lr {cfg.learning_rate:g}")
+            plot_loss(log, output_dir / "loss.png", f"{cfg.model_name} · {cfg.method} · lr {cfg.learning_rate:g}",
+                      ylabel="loss (all tokens, seed_compat)" if cfg.seed_compat else "training loss (text tokens)")
         if not cfg.keep_checkpoints:
             shutil.rmtree(output_dir / CHECKPOINT_SUBDIR, ignore_errors=True)
         write_json(output_dir / RUN_FILE, {"status": "complete", "config_hash": chash,
@@ -395,6 +404,11 @@ def _save_model(cfg: SFTConfig, trainer, tokenizer, output_dir: Path) -> None:
             tokenizer.save_pretrained(output_dir)
         return
     trainer.save_model(str(output_dir / "adapter"))
+    if cfg.merge_lora and getattr(trainer, "is_fsdp_enabled", False):
+        # Merging needs the full LoRA weights in one process; under FSDP they are sharded.
+        if trainer.is_world_process_zero():
+            print("LoRA under FSDP: saved the adapter only (merge it after training with peft)", file=sys.stderr)
+        return
     if cfg.merge_lora and trainer.is_world_process_zero():
         peft_model = trainer.accelerator.unwrap_model(trainer.model)
         merged = peft_model.merge_and_unload()
