@@ -273,3 +273,22 @@ def test_resume_after_killed_run_matches_uninterrupted_run(tiny_llama_dir, tmp_p
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     straight_log = json.loads((tmp_path / "straight" / "train_log.json").read_text())["steps"]
     assert [round(e["loss"], 4) for e in log] == [round(e["loss"], 4) for e in straight_log]
+
+
+def test_embedded_model_takes_one_real_training_step(embedded, tmp_path):
+    """The alias path (GGUF de-quantised into the cache) loads as a trainable, non-quantised model."""
+    from conceptfix.train.sft import build_trainer, load_trainable_model
+
+    cfg = parse_sft_config(dict(model_name="smollm2-135m", device="cpu", dtype="float32", output_dir=str(tmp_path / "out"),
+                                learning_rate=1e-4, warmup_ratio=0.0, use_chat_template=False, texts=TEXTS[:1]))
+    model, tok, dtype, checkpoint = load_trainable_model(cfg, "cpu")
+    assert dtype == torch.float32 and getattr(model.config, "quantization_config", None) is None
+    assert all(p.requires_grad for p in model.parameters())
+    ds = build_dataset(tok, cfg.texts, use_chat_template=False, system_prompt=None, max_length=cfg.max_length)
+    probe = model.model.layers[10].mlp.down_proj.weight
+    before = probe.detach().clone()
+    trainer = build_trainer(cfg, model, tok, ds, checkpoint_dir=tmp_path / "ckpt", device="cpu", save_checkpoints=False,
+                            progress=False, args_overrides={"max_steps": 2})
+    out = trainer.train()
+    assert trainer.state.global_step == 2 and 0.5 < out.training_loss < 6  # a real LM on English text
+    assert not torch.equal(before, probe.detach())
