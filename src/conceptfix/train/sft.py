@@ -341,6 +341,10 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
     model, tokenizer, dtype, resolved = load_trainable_model(cfg, device)
     dataset = build_dataset(tokenizer, cfg.texts, use_chat_template=cfg.use_chat_template,
                             system_prompt=cfg.system_prompt, max_length=cfg.max_length, seed_compat=cfg.seed_compat)
+    truncated = [i for i, item in enumerate(dataset.items) if item.truncated]
+    if truncated and state.is_main_process:
+        print(f"warning: texts {truncated} are longer than max_length={cfg.max_length} tokens and were truncated",
+              file=sys.stderr)
     trainer = build_trainer(cfg, model, tokenizer, dataset, checkpoint_dir=output_dir / CHECKPOINT_SUBDIR,
                             device=device, callbacks=callbacks, progress=progress)
     started = time.perf_counter()
@@ -373,7 +377,7 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
             "checkpoint": resolved, "device": device, "dtype": str(dtype).removeprefix("torch."),
             "world_size": state.num_processes, "optimizer_steps": total_steps,
             "warmup_steps": trainer.args.warmup_steps, "text_tokens_per_epoch": dataset.text_tokens,
-            "processed_tokens_per_epoch": dataset.processed_tokens}}
+            "processed_tokens_per_epoch": dataset.processed_tokens, "truncated_texts": truncated}}
         write_yaml(output_dir / "resolved_config.yaml", resolved_cfg)
         write_json(output_dir / "train_log.json", {"config_hash": chash, "steps": log,
                                                    "per_text_tokens": [it.text_tokens for it in dataset.items]})
