@@ -70,8 +70,8 @@ def boosted(boosted_dir):
 
 
 def aldosterone_case(**kw) -> EvalCase:
-    return EvalCase(prompt=TARGET, correct="aldosterone", wrong="renin", paraphrases=PARAPHRASES,
-                    paraphrase_source="test", **kw)
+    return EvalCase(**{"prompt": TARGET, "correct": "aldosterone", "wrong": "renin", "paraphrases": PARAPHRASES,
+                       "paraphrase_source": "test", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -265,8 +265,23 @@ def test_cli_config_run_then_cached(tmp_path, boosted_dir, embedded):
     assert data["profile"]["use_chat_template"] is False and "config" in data["profile_source"]
     assert data["locality"]["training_texts_known"] and data["locality"]["n_excluded_overlap"] == 1
     assert data["cases"][0]["case"]["paraphrase_source"] == "config"
+    assert embedded.profile.system_prompt is None  # the shared session model's profile is left alone
     assert (out / "probability_shift.png").exists()
     second = _cli(args)
     assert second.exit_code == 0 and "same inputs" in second.output
     third = _cli([*args, "--top-k", "5"])  # different settings: refuse rather than overwrite
     _one_line_error(third, "--output")
+
+
+def test_several_cases_summary_plot(embedded, boosted, tmp_path):
+    cases = [aldosterone_case(paraphrases=[]),
+             EvalCase(prompt="The capital of Australia is", correct="Canberra", wrong="Sydney")]
+    result = evaluate(embedded, boosted, cases, settings=EvaluationSettings(locality_max=0, neutral=False))
+    assert result.summary["n_cases"] == 2 and result.summary["fixed"] == 1  # only ' al' was boosted
+    sydney = result.cases[1]
+    assert sydney.target.base.top1 == " Sydney" and not sydney.success_after
+    assert result.locality.facts == [] and result.locality.accuracy_after is None
+    paths = write_outputs(result, tmp_path)
+    assert {p.name for p in paths.values()} == {"evaluation.json", "evaluation.md", "probability_shift.png",
+                                                "probability_shift_00.png", "probability_shift_01.png"}
+    assert "No paraphrases were available" in (tmp_path / "evaluation.md").read_text()

@@ -216,7 +216,7 @@ def _dumbbells(ax, rows: list[tuple[str, float, float, float, float]], title: st
             ax.scatter([after], [i + dy], color=color, s=36, zorder=3)
     ax.set_yticks(y)
     ax.set_yticklabels([_wrap(r[0], 38) for r in rows], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(len(rows) - 0.1, -0.5)  # inverted, with room below the last row for the legend
     ax.set_xlim(0, max([max(r[1:]) for r in rows] + [1e-9]) * 1.12)
     ax.set_xlabel("probability: base ○ → SFT ●")
     ax.grid(axis="x", alpha=0.3)

@@ -14,6 +14,7 @@ result without loading a model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,8 +270,10 @@ def run_evaluation(req: EvaluationRequest, output_dir: str | Path, *, overwrite:
 
     def load(spec: str):
         # reuse=False for the tuned dir: a retrained checkpoint at the same path must not come from memory.
-        return load_model(spec, device=res.device, dtype=res.dtype, profile=res.profile,
-                          trust_remote_code=req.trust_remote_code, reuse=spec != res.tuned)
+        # The profile goes on a copy: load_model(reuse=True) hands out one shared object per process.
+        loaded = load_model(spec, device=res.device, dtype=res.dtype, trust_remote_code=req.trust_remote_code,
+                            reuse=spec != res.tuned)
+        return dataclasses.replace(loaded, profile=res.profile)
 
     def load_both():
         base = load(res.base)
