@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
@@ -58,15 +59,41 @@ def content_hash(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc), else set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0o666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a temp file + rename. The result has the permissions a normal write would give it:
+    an existing file keeps its mode, a new one gets 0o666 & ~umask (mkstemp alone would leave 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = default_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
