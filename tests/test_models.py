@@ -1,12 +1,18 @@
+import json
+import os
+import stat
 import time
 
 import pytest
 import torch
 
+import conceptfix.models as models
+from conceptfix.artifacts import current_umask
 from conceptfix.errors import ConceptfixError
-from conceptfix.models import (ModelProfile, convert_gguf, default_profile, format_prompt, load_model,
+from conceptfix.models import (ModelProfile, convert_gguf, default_profile, format_prompt, is_gguf_marker, load_model,
                                locate_alias_gguf, resolve_checkpoint)
 from conceptfix.predict import complete_word, top_k_predictions
+from tests.helpers import save_tiny_model
 
 
 def test_alias_converts_once_and_reloads_fast(embedded):
@@ -81,3 +87,85 @@ def test_cli_predict_json_and_bad_model(embedded):
     bad = runner.invoke(app, ["predict", "x", "--model", "no such model"])
     assert bad.exit_code == 2
     assert "model:" in bad.output and "Traceback" not in bad.output
+
+
+# --- GGUF conversion leaves plain fp32 checkpoints (no stale quantization_config) --------------------------
+
+def _is_plain(loaded) -> bool:
+    return (getattr(loaded.model.config, "quantization_config", None) is None
+            and getattr(loaded.model, "hf_quantizer", None) is None
+            and not getattr(loaded.model, "is_quantized", False))
+
+
+def _gguf_marked_model(tokenizer):
+    """A tiny model whose config carries the marker transformers attaches when it loads a GGUF file."""
+    from transformers.utils.quantization_config import GgufConfig
+
+    from tests.helpers import tiny_model
+
+    model = tiny_model(vocab_size=len(tokenizer))
+    model.config.quantization_config = GgufConfig(gguf_file="tiny.gguf")
+    return model
+
+
+def test_embedded_cache_config_has_no_gguf_marker(embedded):
+    cache_dir = convert_gguf(locate_alias_gguf("smollm2-135m"))
+    config = json.loads((cache_dir / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert _is_plain(embedded)
+
+
+def test_convert_gguf_saves_plain_config_with_normal_permissions(tmp_path, monkeypatch, embedded_tokenizer):
+    monkeypatch.setenv("CONCEPTFIX_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in: _load_gguf is replaced below")
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (_gguf_marked_model(embedded_tokenizer), embedded_tokenizer))
+    target = convert_gguf(gguf)
+    assert target.parent == tmp_path / "cache" / "models"
+    config = json.loads((target / "config.json").read_text())
+    assert "quantization_config" not in config and config["model_type"] == "llama"
+    umask = current_umask()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((target / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+    loaded = load_model(str(gguf), device="cpu", reuse=False)
+    assert _is_plain(loaded) and loaded.checkpoint == str(target)
+
+
+def test_stale_cache_with_gguf_marker_is_repaired_and_loads(tmp_path, monkeypatch, embedded_tokenizer):
+    """A cache entry written before the fix (marker in config.json, 0700 directory) is fixed on first use."""
+    monkeypatch.setenv("CONCEPTFIX_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    target = models._gguf_cache_dir(gguf)
+    save_tiny_model(target, embedded_tokenizer)
+    config_path = target / "config.json"
+    stale = json.loads(config_path.read_text())
+    stale["quantization_config"] = {"dequantize": False, "gguf_file": "tiny.gguf", "quant_method": "gguf"}
+    config_path.write_text(json.dumps(stale))
+    os.chmod(target, 0o700)
+
+    def no_reconversion(path):
+        raise AssertionError("a cached entry must not be converted again")
+
+    monkeypatch.setattr(models, "_load_gguf", no_reconversion)
+    loaded = load_model(str(gguf), device="cpu", reuse=False)
+    assert _is_plain(loaded)
+    repaired = json.loads(config_path.read_text())
+    assert "quantization_config" not in repaired
+    assert repaired == {k: v for k, v in stale.items() if k != "quantization_config"}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~current_umask()
+
+
+def test_checkpoint_directory_with_gguf_marker_loads_unquantised(tmp_path, embedded_tokenizer):
+    """A directory de-quantised elsewhere with the marker left in: loaded as plain weights, the user's
+    files untouched."""
+    directory = save_tiny_model(tmp_path / "ckpt", embedded_tokenizer)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    config_path.write_text(json.dumps(config))
+    before = config_path.read_bytes()
+    loaded = load_model(str(directory), device="cpu", reuse=False)
+    assert _is_plain(loaded)
+    assert config_path.read_bytes() == before
+    assert is_gguf_marker(config["quantization_config"]) and not is_gguf_marker({"quant_method": "bitsandbytes"})

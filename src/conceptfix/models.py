@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,25 +132,93 @@ def _gguf_cache_dir(gguf_path: Path) -> Path:
     return cache_root() / "models" / f"{gguf_path.stem}-{key}"
 
 
-def convert_gguf(gguf_path: Path) -> Path:
-    """De-quantise a GGUF once into a safetensors checkpoint directory; return the directory.
+def is_gguf_marker(quantization_config: object) -> bool:
+    """True for the ``quant_method: gguf`` config transformers attaches to a model loaded from GGUF."""
+    if quantization_config is None:
+        return False
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    return method is not None and str(getattr(method, "value", method)).lower() == "gguf"
 
-    transformers refuses save_pretrained on a GGUF-loaded model, so the state dict, config and tokenizer
-    are saved separately. Tied embeddings are stored once (lm_head is re-tied on load).
+
+def strip_gguf_marker(config: object) -> bool:
+    """Drop a stale GGUF ``quantization_config`` from a transformers config; return whether one was there.
+
+    Weights de-quantised from GGUF are plain floats. Left in, the marker makes transformers load them through
+    its GGUF quantizer (``is_quantized`` = True): Trainer then refuses full fine-tuning, and every checkpoint
+    saved from the model carries the marker on.
     """
-    target = _gguf_cache_dir(gguf_path)
-    if (target / "model.safetensors").exists():
-        return target
-    from safetensors.torch import save_file
+    if not is_gguf_marker(getattr(config, "quantization_config", None)):
+        return False
+    try:
+        del config.quantization_config
+    except AttributeError:
+        config.quantization_config = None
+    return True
+
+
+def _repair_converted_cache(target: Path) -> None:
+    """Fix cache entries written by older conceptfix versions: the GGUF marker in config.json, and the 0700
+    directory / 0600 weights that mkdtemp and safetensors left (other users of a shared cache could not read)."""
+    from conceptfix.artifacts import write_json
+
+    config_path = target / "config.json"
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if isinstance(data, dict) and is_gguf_marker(data.get("quantization_config")):
+        del data["quantization_config"]
+        write_json(config_path, data)  # atomic: a concurrent loader sees the old or the new file, never half
+    if stat.S_IMODE(target.stat().st_mode) == 0o700:
+        _apply_default_modes(target)
+
+
+def _apply_default_modes(directory: Path) -> None:
+    """Give a directory and its files the modes ``mkdir``/``open`` would have (0o777/0o666 minus umask)."""
+    from conceptfix.artifacts import current_umask
+
+    umask = current_umask()
+    try:
+        for f in directory.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
+        os.chmod(directory, 0o777 & ~umask)
+    except PermissionError:  # someone else's cache entry: readable to us, not ours to change
+        pass
+
+
+def _load_gguf(gguf_path: Path):
+    """(model, tokenizer) de-quantised from a GGUF file by transformers (slow: ~20-35 s for 135M on CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
+    return model, tokenizer
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantise a GGUF once into a safetensors checkpoint directory; return the directory.
+
+    transformers refuses save_pretrained on a GGUF-loaded model, so the state dict, config and tokenizer
+    are saved separately. Tied embeddings are stored once (lm_head is re-tied on load). The saved config has
+    no ``quantization_config``: the weights are plain fp32.
+    """
+    target = _gguf_cache_dir(gguf_path)
+    if (target / "model.safetensors").exists():
+        _repair_converted_cache(target)
+        return target
+    from safetensors.torch import save_file
+
+    model, tokenizer = _load_gguf(gguf_path)
     state = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", False):
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    strip_gguf_marker(model.config)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build in a temp dir and rename: concurrent processes never see half a cache entry.
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -158,6 +227,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "conceptfix_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        _apply_default_modes(tmp)  # mkdtemp makes 0700; the cache entry should be as readable as any download
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -296,7 +366,7 @@ def load_model(
         return cached
 
     checkpoint = resolve_checkpoint(spec)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device == "cuda":
@@ -307,7 +377,11 @@ def load_model(
     try:
         tokenizer = load_tokenizer(checkpoint, trust_remote_code=trust_remote_code,
                                    local_files_only=kwargs["local_files_only"])
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
+                                            local_files_only=kwargs["local_files_only"])
+        # A checkpoint de-quantised from GGUF elsewhere (or by an older conceptfix) holds plain floats.
+        strip_gguf_marker(config)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConceptfixError(
