@@ -2,24 +2,41 @@
 
 Every run records, on the analysed prompt:
 
-* **faithfulness curve**: ablate the top-N kept neurons (by |score|) for N over a sweep; the real metric change
-  next to the change the attribution predicts (first-order: Σ (replacement − activation) × gradient, which is
-  −Σ score for zero ablation), and two random controls of N neurons each, mean ± std over several draws:
-  ``uniform`` (any layer, position, neuron) and ``matched`` (the same (layer, position) slots as the top-N,
-  a random other neuron index — the harder control);
-* **completeness curve**: keep only the top-N kept neurons and ablate every other neuron of the model (all
-  layers, all positions); how much of the metric remains, normalised between "everything ablated" (0) and the
-  unablated model (1) — the faithfulness/completeness curves of Transluce's neuron-circuit work;
-* **flip test**: ablate the kept neurons that push toward the wrong answer (negative score); the new top-1
-  token and whether it is the correct one, plus the same for the top-N of them over the sweep.
+* **faithfulness curves**: ablate the top-N kept neurons and compare the real metric change with the change the
+  attribution predicts (first order: Σ (replacement − activation) × gradient, i.e. −Σ score for zero ablation),
+  for N over a sweep, three ways:
+
+  - ``curve_wrong``: the top-N neurons that push toward the *wrong* answer (score < 0); ablating them should
+    raise the metric;
+  - ``curve_correct``: the top-N that push toward the *correct* answer (score > 0); ablating them should lower it;
+  - ``curve``: the top-N by |score| whatever their sign. Its real change is the difference of two opposing
+    effects and need not grow with N (on the blood-pressure prompt the top-10 by |score| are 5 + 5 of each sign
+    and their effects cancel to +0.004): read the signed curves for faithfulness, this one for completeness of
+    the picture.
+
+  Each point carries two random controls of N neurons, mean ± std over ``random_draws`` draws: ``uniform`` (any
+  layer, position, neuron among the positions the circuit may use; one set of draws per N, shared by the three
+  curves) and ``matched`` (the same (layer, position) slots as the top-N, a random other neuron index — the
+  harder control; signed curves only);
+* **single-neuron check**: the top neurons one at a time, real vs predicted change (how linear the model is
+  around each neuron);
+* **completeness curve**: keep only the top-N kept neurons and ablate every other neuron at the analysed
+  positions; how much of the metric remains, normalised between "everything ablated" (0) and the unablated
+  model (1) — the faithfulness/completeness curves of Transluce's neuron-circuit work;
+* **flip test**: ablate the kept neurons that push toward the wrong answer; the new top-1 token and whether it
+  is the correct one, for all of them (``flip_test``) and for the top-N of them over the sweep (``flip_sweep``).
 
 Ablation replaces the input of ``down_proj`` (the neuron activations) at chosen (layer, position, neuron)
 entries by zero, by the neuron's mean activation over a corpus, or by its activation on a counterfactual prompt
 of the same length. All ablated variants of the prompt run as rows of a few batched forward passes.
+
+``positions`` restricts random draws and complement ablations to the positions the circuit was allowed to use
+(the pipeline leaves out position 0, the attention sink, by default; see pipeline.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -34,6 +51,7 @@ AblationKind = Literal["zero", "mean", "counterfactual"]
 Entry = tuple[int, int, int]  # (layer, position, neuron)
 
 DEFAULT_SWEEP = (1, 2, 5, 10, 20, 50, 100, 200)
+CURVES = ("curve_wrong", "curve_correct", "curve")
 
 
 @dataclass
@@ -54,6 +72,24 @@ class CurvePoint:
     uniform_random_change_std: float | None = None
     matched_random_change_mean: float | None = None
     matched_random_change_std: float | None = None
+
+    def beats_random(self, sigmas: float = 3.0) -> bool | None:
+        """|change| exceeds |mean| + sigmas × std of the uniform random control, and has the predicted sign."""
+        if self.uniform_random_change_mean is None:
+            return None
+        bar = abs(self.uniform_random_change_mean) + sigmas * (self.uniform_random_change_std or 0.0)
+        return abs(self.change) > bar and self.change * self.predicted_change > 0
+
+
+@dataclass
+class SinglePoint:
+    node_id: str
+    layer: int
+    position: int
+    neuron: int
+    score: float
+    change: float                 # real metric change when only this neuron is ablated
+    predicted_change: float
 
 
 @dataclass
@@ -83,11 +119,16 @@ class FaithfulnessReport:
     random_draws: int
     seed: int
     random_control: str
-    curve: list[CurvePoint]
+    positions: list[int]                    # positions random draws and complement ablations may touch
+    curve: list[CurvePoint]                 # top-N by |score| (both signs)
+    curve_wrong: list[CurvePoint]           # top-N of the neurons pushing toward the wrong answer
+    curve_correct: list[CurvePoint]         # top-N of the neurons pushing toward the correct answer
+    singles: list[SinglePoint]
     completeness: list[CompletenessPoint]
     all_ablated_metric: float
     flip_test: FlipPoint | None             # all kept neurons with negative score ablated; None when there are none
     flip_sweep: list[FlipPoint]
+    first_flip_n: int | None                # smallest N of the sweep at which the correct token became top-1
     unablated: FlipPoint                    # top-1 and probabilities of the unablated model (n = 0)
     num_forward_rows: int
     notes: list[str] = field(default_factory=list)
@@ -95,12 +136,16 @@ class FaithfulnessReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def top_beats_random(self, n: int) -> bool | None:
-        """|change| of ablating the top-n exceeds the mean |change| of n uniform random neurons."""
-        for point in self.curve:
-            if point.n == n and point.uniform_random_change_mean is not None:
-                return abs(point.change) > abs(point.uniform_random_change_mean)
+    def point(self, n: int, curve: str = "curve") -> CurvePoint | None:
+        for p in getattr(self, curve):
+            if p.n == n:
+                return p
         return None
+
+    def top_beats_random(self, n: int, curve: str = "curve", sigmas: float = 3.0) -> bool | None:
+        """Ablating the top-n of ``curve`` moves the metric more than n random neurons (see CurvePoint)."""
+        p = self.point(n, curve)
+        return None if p is None else p.beats_random(sigmas)
 
 
 # --------------------------------------------------------------------------------------------- hooks
@@ -111,9 +156,11 @@ class _AblationHooks:
     ``row_sets[i]`` describes row i of the current batch; ``replacement`` is [layers, positions, neurons].
     """
 
-    def __init__(self, adapter, replacement: torch.Tensor):
+    def __init__(self, adapter, replacement: torch.Tensor, positions: list[int] | None = None):
         self.adapter = adapter
         self.replacement = replacement
+        # Positions a complement row ablates ("everything except the entries"); None = all positions.
+        self.positions = None if positions is None else torch.tensor(sorted(positions), dtype=torch.long)
         self.row_sets: list[AblationSet] = []
         self._index: dict[int, torch.Tensor] = {}
         self._any_complement = False
@@ -156,7 +203,11 @@ class _AblationHooks:
                 return None
             mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
             if self._any_complement:
-                mask[self._complement_rows.to(x.device)] = True
+                rows = self._complement_rows.to(x.device)
+                if self.positions is None:
+                    mask[rows] = True
+                else:
+                    mask[rows.unsqueeze(1), self.positions.to(x.device).unsqueeze(0)] = True
             if index is not None:
                 rows, pos, neu = (t.to(x.device) for t in index)
                 # Plain rows: ablate the entries; complement rows: everything except the entries.
@@ -180,33 +231,118 @@ def _metric_from_logits(logits: torch.Tensor, metric: MetricSpec, final_hidden: 
 
 @torch.no_grad()
 def run_rows(loaded, input_ids: list[int], row_sets: list[AblationSet], replacement: torch.Tensor,
-             metric: MetricSpec, *, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Metric [R] and last-position... metric-position logits [R, V] (fp32 cpu) for every ablated variant."""
+             metric: MetricSpec, *, batch_size: int = 32, positions: list[int] | None = None,
+             skip_layers: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metric [R] and metric-position logits [R, V] (fp32 cpu) for every ablated variant.
+
+    ``skip_layers``: a row that ablates nothing below layer l has, at layer l's input, exactly the unablated
+    hidden state; such rows start there from one cached clean pass, and the layers below are not run (most
+    circuit neurons sit in late layers, so this removes most of the compute of the curves).
+    """
     adapter = get_adapter(loaded.model)
     ids = torch.tensor([input_ids], device=loaded.input_device)
-    metrics, logits_all = [], []
     captured: dict[str, torch.Tensor] = {}
 
     def grab_final(module, args, output):
         captured["h"] = output[:, metric.position]
 
+    # Rows sorted by the first layer they touch, so a batch starts as late as its earliest row allows.
+    starts = [0 if (s.complement or not skip_layers) else min((e[0] for e in s.entries), default=adapter.num_layers)
+              for s in row_sets]
+    order = sorted(range(len(row_sets)), key=lambda i: starts[i])
+    metrics = torch.empty(len(row_sets))
+    logits_all: torch.Tensor | None = None
     norm_handle = adapter.final_norm.register_forward_hook(grab_final) if metric.kind == "direction" else None
     was_training = loaded.model.training
     loaded.model.eval()
     try:
-        with _AblationHooks(adapter, replacement) as hooks:
-            for start in range(0, len(row_sets), batch_size):
-                chunk = row_sets[start:start + batch_size]
-                hooks.set_rows(chunk)
-                out = loaded.model(input_ids=ids.expand(len(chunk), -1))
-                logits = out.logits[:, metric.position].float()
-                metrics.append(_metric_from_logits(logits, metric, captured.get("h")).cpu())
-                logits_all.append(logits.cpu())
+        # Only the metric position's logits are needed: skip the vocabulary projection elsewhere.
+        keep = {"logits_to_keep": 1} if metric.position == -1 else {}
+        clean = _layer_inputs(adapter, loaded.model, ids) if skip_layers else None
+        with _AblationHooks(adapter, replacement, positions) as hooks:
+            for b in range(0, len(order), batch_size):
+                chunk = order[b:b + batch_size]
+                hooks.set_rows([row_sets[i] for i in chunk])
+                first = min(starts[chunk[0]], adapter.num_layers - 1)
+                with _start_at_layer(adapter, first, clean[first] if (clean is not None and first > 0) else None):
+                    out = loaded.model(input_ids=ids.expand(len(chunk), -1), use_cache=False, **keep)
+                logits = out.logits[:, -1 if keep else metric.position].float().cpu()
+                if logits_all is None:
+                    logits_all = torch.empty(len(row_sets), logits.shape[-1])
+                index = torch.tensor(chunk)
+                metrics[index] = _metric_from_logits(logits, metric, captured.get("h")).float().cpu()
+                logits_all[index] = logits
     finally:
         if norm_handle is not None:
             norm_handle.remove()
         loaded.model.train(was_training)
-    return torch.cat(metrics), torch.cat(logits_all)
+    return metrics, logits_all
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def _layer_inputs(adapter, model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The hidden state entering every decoder layer on the unablated prompt ([1, T, d] each)."""
+    store: list[torch.Tensor | None] = [None] * adapter.num_layers
+    handles = []
+    for layer in range(adapter.num_layers):
+        def pre(module, args, kwargs, layer=layer):
+            store[layer] = _hidden_arg(args, kwargs).detach()
+        handles.append(adapter.layers[layer].register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return store
+
+
+class _Skipped(torch.nn.Module):
+    """Stands in for a decoder layer that need not run: returns its input; other attributes (e.g. a Qwen2/Gemma
+    layer's ``attention_type``, read by the decoder loop) come from the real layer."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.__dict__["_real"] = layer
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_real"], name)
+
+
+@contextlib.contextmanager
+def _start_at_layer(adapter, first: int, hidden: torch.Tensor | None):
+    """Run only layers ``first`` … end: earlier layers pass through, layer ``first`` gets the cached input."""
+    if hidden is None or first <= 0:
+        yield
+        return
+    layers = adapter.layers
+    originals = [layers[i] for i in range(first)]
+
+    def pre(module, args, kwargs):
+        x = _hidden_arg(args, kwargs)
+        h = hidden.to(x.device, x.dtype).expand(x.shape[0], -1, -1)
+        if args:
+            return (h,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": h}
+
+    handle = layers[first].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for i in range(first):
+            layers[i] = _Skipped(originals[i])
+        yield
+    finally:
+        for i in range(first):
+            layers[i] = originals[i]
+        handle.remove()
 
 
 @torch.no_grad()
@@ -273,45 +409,56 @@ def predicted_change(scores: NeuronScores, replacement: torch.Tensor, entries: l
 def evaluate_faithfulness(loaded, graph: PrunedGraph, *, ablation: AblationKind = "zero",
                           mean_activations: torch.Tensor | None = None, counterfactual_prompt: str | None = None,
                           sweep: tuple[int, ...] = DEFAULT_SWEEP, random_draws: int = 8, seed: int = 0,
-                          batch_size: int = 32) -> FaithfulnessReport:
+                          batch_size: int = 32, positions: list[int] | None = None,
+                          singles: int = 20) -> FaithfulnessReport:
+    """Faithfulness curves, single-neuron check, completeness and flip test for one pruned graph (module doc)."""
     scores = graph.scores
     metric = scores.metric
     replacement, replacement_info = build_replacement(loaded, scores, ablation, mean_activations=mean_activations,
                                                       counterfactual_prompt=counterfactual_prompt)
     num_layers, num_positions, width = scores.activations.shape
+    positions = sorted(set(range(num_positions) if positions is None else positions))
+    if not positions or positions[0] < 0 or positions[-1] >= num_positions:
+        raise ConceptfixError(f"positions {positions} do not fit the {num_positions}-token prompt", field="positions")
+    if random_draws < 1:
+        raise ConceptfixError(f"random_draws must be at least 1, got {random_draws}", field="random_draws")
     ranked = sorted(graph.kept, key=lambda k: abs(k.score), reverse=True)
-    entries = [(k.layer, k.position, k.neuron) for k in ranked]
-    ns = sorted({n for n in sweep if n < len(entries)} | ({len(entries)} if entries else set()))
+    entries = {
+        "curve": [(k.layer, k.position, k.neuron) for k in ranked],
+        "curve_wrong": [(k.layer, k.position, k.neuron) for k in ranked if k.score < 0],
+        "curve_correct": [(k.layer, k.position, k.neuron) for k in ranked if k.score > 0],
+    }
+    ns = {name: _sweep(sweep, len(e)) for name, e in entries.items()}
     generator = torch.Generator().manual_seed(seed)
+    pos_index = torch.tensor(positions)
 
     rows: list[AblationSet] = [AblationSet([])]                     # 0: unablated (sanity vs attribution)
     rows.append(AblationSet([], complement=True))                   # 1: everything ablated
-    top_rows, uniform_rows, matched_rows, complete_rows = {}, {}, {}, {}
-    for n in ns:
-        top_rows[n] = len(rows)
-        rows.append(AblationSet(entries[:n]))
-    for n in ns:
-        uniform_rows[n] = []
-        matched_rows[n] = []
-        for _ in range(random_draws):
-            flat = torch.randperm(num_layers * num_positions * width, generator=generator)[:n]
-            uni = [(int(f // (num_positions * width)), int(f // width % num_positions), int(f % width)) for f in flat]
-            uniform_rows[n].append((len(rows), uni))
-            rows.append(AblationSet(uni))
-            matched = _matched_draw(entries[:n], width, generator)
-            matched_rows[n].append((len(rows), matched))
-            rows.append(AblationSet(matched))
-    for n in ns:
-        complete_rows[n] = len(rows)
-        rows.append(AblationSet(entries[:n], complement=True))
-    negatives = [e for e, k in zip(entries, ranked) if k.score < 0]
-    flip_ns = sorted({n for n in sweep if n < len(negatives)} | ({len(negatives)} if negatives else set()))
-    flip_rows = {}
-    for n in flip_ns:
-        flip_rows[n] = len(rows)
-        rows.append(AblationSet(negatives[:n]))
 
-    metrics, logits = run_rows(loaded, scores.input_ids, rows, replacement, metric, batch_size=batch_size)
+    def add(row: AblationSet) -> int:
+        rows.append(row)
+        return len(rows) - 1
+
+    top_rows = {name: {n: add(AblationSet(entries[name][:n])) for n in ns[name]} for name in CURVES}
+    # Uniform controls: one set of draws per N, shared by every curve that has that N.
+    uniform_rows: dict[int, list[int]] = {}
+    cells = num_layers * len(positions) * width
+    for n in sorted(set().union(*ns.values())):
+        uniform_rows[n] = []
+        for _ in range(random_draws):
+            flat = torch.randperm(cells, generator=generator)[:n]
+            draw = [(int(f // (len(positions) * width)), int(pos_index[f // width % len(positions)]), int(f % width))
+                    for f in flat]
+            uniform_rows[n].append(add(AblationSet(draw)))
+    matched_rows = {name: {n: [add(AblationSet(_matched_draw(entries[name][:n], width, generator)))
+                               for _ in range(random_draws)] for n in ns[name]}
+                    for name in ("curve_wrong", "curve_correct")}
+    single_entries = entries["curve"][:singles]
+    single_rows = [add(AblationSet([e])) for e in single_entries]
+    complete_rows = {n: add(AblationSet(entries["curve"][:n], complement=True)) for n in ns["curve"]}
+
+    metrics, logits = run_rows(loaded, scores.input_ids, rows, replacement, metric, batch_size=batch_size,
+                               positions=positions)
     base = float(metrics[0])
     all_ablated = float(metrics[1])
     notes = []
@@ -319,36 +466,63 @@ def evaluate_faithfulness(loaded, graph: PrunedGraph, *, ablation: AblationKind 
         notes.append(f"unablated metric {base:.4f} differs from the attribution's {scores.metric_value:.4f}")
     if ablation != "zero":
         notes.append(f"replacement: {replacement_info}")
+    if positions != list(range(num_positions)):
+        notes.append(f"random draws and complement ablations use positions {positions} only")
 
-    curve = []
-    for n in ns:
-        change = float(metrics[top_rows[n]]) - base
-        uni = torch.tensor([float(metrics[r]) - base for r, _ in uniform_rows[n]])
-        mat = torch.tensor([float(metrics[r]) - base for r, _ in matched_rows[n]])
-        curve.append(CurvePoint(
-            n=n, metric=float(metrics[top_rows[n]]), change=change,
-            predicted_change=predicted_change(scores, replacement, entries[:n]),
-            uniform_random_change_mean=_mean(uni), uniform_random_change_std=_std(uni),
-            matched_random_change_mean=_mean(mat), matched_random_change_std=_std(mat),
-        ))
+    def change(r: int) -> float:
+        return float(metrics[r]) - base
+
+    def stats(rs: list[int]) -> tuple[float | None, float | None]:
+        t = torch.tensor([change(r) for r in rs], dtype=torch.float64)
+        return _mean(t), _std(t)
+
+    curves: dict[str, list[CurvePoint]] = {}
+    for name in CURVES:
+        curves[name] = []
+        for n in ns[name]:
+            u_mean, u_std = stats(uniform_rows[n])
+            m_mean, m_std = stats(matched_rows[name][n]) if name in matched_rows else (None, None)
+            r = top_rows[name][n]
+            curves[name].append(CurvePoint(
+                n=n, metric=float(metrics[r]), change=change(r),
+                predicted_change=predicted_change(scores, replacement, entries[name][:n]),
+                uniform_random_change_mean=u_mean, uniform_random_change_std=u_std,
+                matched_random_change_mean=m_mean, matched_random_change_std=m_std,
+            ))
+    single_points = [
+        SinglePoint(node_id=f"{layer}_{neuron}_{pos}", layer=layer, position=pos, neuron=neuron,
+                    score=float(scores.scores[layer, pos, neuron]), change=change(r),
+                    predicted_change=predicted_change(scores, replacement, [(layer, pos, neuron)]))
+        for (layer, pos, neuron), r in zip(single_entries, single_rows)
+    ]
     denom = base - all_ablated
     completeness = [CompletenessPoint(n=0, metric=all_ablated, normalized=0.0)]
-    for n in ns:
+    for n in ns["curve"]:
         m = float(metrics[complete_rows[n]])
         completeness.append(CompletenessPoint(n=n, metric=m, normalized=(m - all_ablated) / denom if denom else math.nan))
 
-    flip_sweep = [_flip_point(loaded, n, logits[flip_rows[n]], float(metrics[flip_rows[n]]), metric) for n in flip_ns]
+    # The flip sweep reuses the wrong-pushing curve's rows (same ablations, read as top-1 / probabilities).
+    flip_sweep = [_flip_point(loaded, n, logits[r], float(metrics[r]), metric)
+                  for n, r in top_rows["curve_wrong"].items()]
     flip = flip_sweep[-1] if flip_sweep else None
     if flip is None:
         notes.append("no kept neuron pushes toward the wrong answer; flip test not applicable")
+    first_flip = next((p.n for p in flip_sweep if p.flipped), None)
     unablated = _flip_point(loaded, 0, logits[0], base, metric)
     return FaithfulnessReport(
         ablation=ablation, metric=metric.describe(), unablated_metric=base, random_draws=random_draws, seed=seed,
-        random_control="uniform: any (layer, position, neuron); matched: same (layer, position) as the top-N, "
-                       "random other neuron index",
-        curve=curve, completeness=completeness, all_ablated_metric=all_ablated, flip_test=flip,
-        flip_sweep=flip_sweep, unablated=unablated, num_forward_rows=len(rows), notes=notes,
+        random_control="uniform: any (layer, position, neuron) at the listed positions, one set of draws per N; "
+                       "matched: same (layer, position) as the top-N, random other neuron index",
+        positions=positions, curve=curves["curve"], curve_wrong=curves["curve_wrong"],
+        curve_correct=curves["curve_correct"], singles=single_points, completeness=completeness,
+        all_ablated_metric=all_ablated, flip_test=flip, flip_sweep=flip_sweep, first_flip_n=first_flip,
+        unablated=unablated, num_forward_rows=len(rows), notes=notes,
     )
+
+
+def _sweep(sweep: tuple[int, ...], available: int) -> list[int]:
+    """The sweep's sizes below ``available``, plus ``available`` itself (all of them)."""
+    return sorted({n for n in sweep if 0 < n < available} | ({available} if available else set()))
 
 
 def _matched_draw(entries: list[Entry], width: int, generator: torch.Generator) -> list[Entry]:

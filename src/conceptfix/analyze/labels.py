@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,11 +48,39 @@ class NeuronLabel:
 class CorpusStats:
     """One pass over a text corpus: per-neuron mean activation and top-activating contexts for chosen neurons."""
 
-    mean_activations: torch.Tensor                   # [layers, neurons] fp32 cpu, mean over non-pad tokens
+    mean_activations: torch.Tensor                   # [layers, neurons] fp32 cpu, mean over non-first tokens
     num_tokens: int
     top_positive: dict[NeuronKey, list[dict]]        # highest activations: {"activation", "context", "token"}
     top_negative: dict[NeuronKey, list[dict]]        # most negative activations (SwiGLU neurons fire both ways)
     corpus_name: str = "builtin"
+    cached: bool = False                             # came from the on-disk cache (no model pass)
+
+
+@dataclass
+class _FullStats:
+    """Statistics of *every* neuron, which is what the disk cache holds: means and top-n both ways (one entry
+    per passage, so the contexts are varied). ~5 MB for a 30-layer × 1536-neuron model with n = 5."""
+
+    mean: torch.Tensor          # [L, N] fp32
+    num_tokens: int
+    pos_val: torch.Tensor       # [L, n, N] fp32 descending; -inf when fewer than n passages had a valid token
+    pos_sent: torch.Tensor      # [L, n, N] int32 passage index
+    pos_tok: torch.Tensor       # [L, n, N] int32 token index within the unpadded passage
+    neg_val: torch.Tensor       # [L, n, N] ascending; +inf padding
+    neg_sent: torch.Tensor
+    neg_tok: torch.Tensor
+    token_ids: list[list[int]]  # every passage, tokenised, unpadded
+
+
+# Bump when the statistics change meaning; old cache files are then ignored.
+CORPUS_STATS_VERSION = 2
+
+
+def cache_dir() -> Path:
+    """Where corpus statistics are cached (per model fingerprint and corpus hash)."""
+    from conceptfix.models import cache_root
+
+    return cache_root() / "corpus_stats"
 
 
 # --------------------------------------------------------------------------------------------- corpus
@@ -91,88 +120,139 @@ def _down_proj_capture(adapter, layers: Iterable[int], store: dict[int, torch.Te
     return handles
 
 
-@torch.no_grad()
 def corpus_statistics(loaded, sentences: list[str], neurons: Iterable[NeuronKey], *, top_n: int = 5,
-                      batch_size: int = 16, max_tokens: int = 64, corpus_name: str = "builtin",
-                      progress: bool | None = None) -> CorpusStats:
-    """Run the model over the corpus once; collect means (all neurons) and top contexts (the given neurons).
+                      batch_size: int = 32, max_tokens: int = 64, corpus_name: str = "builtin",
+                      progress: bool | None = None, cache: bool = True) -> CorpusStats:
+    """Means of every neuron and top-activating contexts of the given neurons over a corpus.
 
-    The first token of every passage is skipped: BOS / first-position activations are outliers (attention-sink
-    behaviour) and would dominate both the means and the top contexts.
+    One model pass computes the statistics of *all* neurons; they are cached on disk keyed by the model's
+    fingerprint and the corpus text, so the next analysis with the same model and corpus costs no forward pass.
+    The first token of every passage is skipped: first-position activations are outliers (attention-sink
+    behaviour, activations in the thousands) and would dominate both the means and the top contexts.
     """
-    adapter = get_adapter(loaded.model)
+    key = _stats_key(loaded, sentences, top_n=top_n, max_tokens=max_tokens)
+    path = cache_dir() / f"{key}.pt"
+    full = _read_cache(path) if cache else None
+    cached = full is not None
+    if full is None:
+        full = _compute_full_stats(loaded, sentences, top_n=top_n, batch_size=batch_size, max_tokens=max_tokens,
+                                   progress=progress)
+        if cache:
+            _write_cache(path, full)
     tok = loaded.tokenizer
     wanted = sorted(set(neurons))
-    by_layer: dict[int, list[int]] = {}
-    for layer, neuron in wanted:
-        by_layer.setdefault(layer, []).append(neuron)
+
+    def render(vals, sents, toks, layer, neuron):
+        out = []
+        for v, s, t in zip(vals[layer, :, neuron].tolist(), sents[layer, :, neuron].tolist(),
+                           toks[layer, :, neuron].tolist()):
+            if math.isfinite(v):
+                out.append(_context_entry(tok, full.token_ids[s], t, v))
+        return out
+
+    return CorpusStats(
+        mean_activations=full.mean, num_tokens=full.num_tokens, corpus_name=corpus_name, cached=cached,
+        top_positive={(l, n): render(full.pos_val, full.pos_sent, full.pos_tok, l, n) for l, n in wanted},
+        top_negative={(l, n): render(full.neg_val, full.neg_sent, full.neg_tok, l, n) for l, n in wanted},
+    )
+
+
+def _stats_key(loaded, sentences: list[str], *, top_n: int, max_tokens: int) -> str:
+    from conceptfix.artifacts import content_hash
+    from conceptfix.filter import model_fingerprint
+
+    return content_hash({
+        "version": CORPUS_STATS_VERSION, "model": model_fingerprint(loaded.spec, loaded.checkpoint, loaded.device,
+                                                                     loaded.dtype),
+        "sentences": content_hash(sentences), "top_n": top_n, "max_tokens": max_tokens,
+    })
+
+
+def _read_cache(path: Path) -> _FullStats | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return _FullStats(**state)
+    except Exception:  # a damaged or foreign cache file is recomputed, never trusted
+        return None
+
+
+def _write_cache(path: Path, full: _FullStats) -> None:
+    import io
+
+    from conceptfix.artifacts import atomic_write_bytes
+
+    buf = io.BytesIO()
+    torch.save(asdict(full), buf)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError:
+        pass  # a read-only cache directory only costs the next run a corpus pass
+
+
+@torch.no_grad()
+def _compute_full_stats(loaded, sentences: list[str], *, top_n: int, batch_size: int, max_tokens: int,
+                        progress: bool | None) -> _FullStats:
+    adapter = get_adapter(loaded.model)
+    tok = loaded.tokenizer
     num_layers, width = adapter.num_layers, adapter.num_neurons
+    # Tokenise once; batch passages of similar length together so little compute goes to padding.
+    token_ids = [tok(s, truncation=True, max_length=max_tokens)["input_ids"] for s in sentences]
+    order = sorted(range(len(sentences)), key=lambda i: len(token_ids[i]))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     sums = torch.zeros(num_layers, width, dtype=torch.float64)
     count = 0
-    # Running top-n per (layer, neuron), kept as tensors of (value, flat token index).
-    best_pos: dict[NeuronKey, list[tuple[float, int, int]]] = {k: [] for k in wanted}
-    best_neg: dict[NeuronKey, list[tuple[float, int, int]]] = {k: [] for k in wanted}
-    all_ids: list[list[int]] = []
+    inf = float("inf")
+    best = {
+        "pos_val": torch.full((num_layers, top_n, width), -inf), "neg_val": torch.full((num_layers, top_n, width), inf),
+        "pos_sent": torch.zeros((num_layers, top_n, width), dtype=torch.int32),
+        "neg_sent": torch.zeros((num_layers, top_n, width), dtype=torch.int32),
+        "pos_tok": torch.zeros((num_layers, top_n, width), dtype=torch.int32),
+        "neg_tok": torch.zeros((num_layers, top_n, width), dtype=torch.int32),
+    }
     store: dict[int, torch.Tensor] = {}
     handles = _down_proj_capture(adapter, range(num_layers), store)
     was_training = loaded.model.training
     loaded.model.eval()
     try:
-        batches = [sentences[i:i + batch_size] for i in range(0, len(sentences), batch_size)]
-        for b_index, batch in enumerate(track(batches, total=len(batches), description="corpus activations",
-                                              enabled=progress)):
-            enc = tok(batch, return_tensors="pt", padding=True, padding_side="left", truncation=True,
-                      max_length=max_tokens)
-            ids = enc["input_ids"]
-            mask = enc["attention_mask"].bool()
-            first = mask.float().argmax(dim=1)  # first real token of each left-padded row
-            valid = mask.clone()
-            valid[torch.arange(len(batch)), first] = False
-            loaded.model(input_ids=ids.to(loaded.input_device), attention_mask=enc["attention_mask"].to(loaded.input_device))
-            sentence_offset = len(all_ids)
-            for row in range(len(batch)):
-                all_ids.append(ids[row][mask[row]].tolist())
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in track(batches, total=len(batches), description="corpus activations", enabled=progress):
+            lengths = torch.tensor([len(token_ids[i]) for i in batch])
+            width_t = int(lengths.max())
+            # Left padding: position -1 is the last real token of every row.
+            ids = torch.full((len(batch), width_t), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width_t), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width_t - len(token_ids[i]):] = torch.tensor(token_ids[i])
+                mask[row, width_t - len(token_ids[i]):] = 1
+            pad = width_t - lengths                                   # [B] left padding per row
+            valid = mask.bool()
+            valid[torch.arange(len(batch)), pad.clamp(max=width_t - 1)] = False   # skip each passage's first token
+            # The decoder only: the vocabulary projection is not needed for activations.
+            adapter.decoder(input_ids=ids.to(loaded.input_device), attention_mask=mask.to(loaded.input_device),
+                            use_cache=False)
             count += int(valid.sum())
+            sent_idx = torch.tensor(batch, dtype=torch.int32)
+            vmask = valid.unsqueeze(-1)
             for layer in range(num_layers):
-                acts = store[layer].float().cpu()               # [B, T, N]
-                sums[layer] += (acts * valid.unsqueeze(-1)).sum(dim=(0, 1)).double()
-                if layer not in by_layer:
-                    continue
-                cols = torch.tensor(by_layer[layer])
-                sel = acts[:, :, cols]                          # [B, T, K]
-                pos_vals = sel.masked_fill(~valid.unsqueeze(-1), float("-inf"))
-                neg_vals = sel.masked_fill(~valid.unsqueeze(-1), float("inf"))
-                for j, neuron in enumerate(by_layer[layer]):
-                    key = (layer, neuron)
-                    _merge_top(best_pos[key], pos_vals[:, :, j], mask, sentence_offset, top_n, largest=True)
-                    _merge_top(best_neg[key], neg_vals[:, :, j], mask, sentence_offset, top_n, largest=False)
+                acts = store.pop(layer).float().cpu()                 # [B, T, N]
+                sums[layer] += (acts * vmask).sum(dim=(0, 1)).double()
+                for sign, fill in (("pos", -inf), ("neg", inf)):
+                    vals = acts.masked_fill(~vmask, fill)
+                    row_val, row_pos = vals.max(dim=1) if sign == "pos" else vals.min(dim=1)   # [B, N]
+                    all_val = torch.cat([best[f"{sign}_val"][layer], row_val])
+                    all_sent = torch.cat([best[f"{sign}_sent"][layer], sent_idx.unsqueeze(1).expand_as(row_pos)])
+                    all_tok = torch.cat([best[f"{sign}_tok"][layer], (row_pos - pad.unsqueeze(1)).to(torch.int32)])
+                    top = all_val.topk(top_n, dim=0, largest=sign == "pos")
+                    best[f"{sign}_val"][layer] = top.values
+                    best[f"{sign}_sent"][layer] = all_sent.gather(0, top.indices)
+                    best[f"{sign}_tok"][layer] = all_tok.gather(0, top.indices)
     finally:
         for h in handles:
             h.remove()
         loaded.model.train(was_training)
-    mean = (sums / max(count, 1)).float()
-
-    def render(entries):
-        return [_context_entry(tok, all_ids[s], t, v) for v, s, t in entries]
-
-    return CorpusStats(mean_activations=mean, num_tokens=count,
-                       top_positive={k: render(v) for k, v in best_pos.items()},
-                       top_negative={k: render(v) for k, v in best_neg.items()},
-                       corpus_name=corpus_name)
-
-
-def _merge_top(best: list, values: torch.Tensor, mask: torch.Tensor, sentence_offset: int, n: int, *, largest: bool):
-    """Merge this batch's top-n (one per sentence, so the contexts are varied) into the running list."""
-    per_row_val, per_row_pos = (values.max(dim=1) if largest else values.min(dim=1))
-    for row in range(values.shape[0]):
-        v = float(per_row_val[row])
-        if not torch.isfinite(per_row_val[row]):
-            continue
-        # Position within the unpadded sentence.
-        pad = int((~mask[row]).sum())
-        best.append((v, sentence_offset + row, int(per_row_pos[row]) - pad))
-    best.sort(key=lambda e: e[0], reverse=largest)
-    del best[n:]
+    return _FullStats(mean=(sums / max(count, 1)).float(), num_tokens=count, token_ids=token_ids, **best)
 
 
 def _context_entry(tok, ids: list[int], position: int, value: float) -> dict:
