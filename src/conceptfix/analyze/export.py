@@ -154,7 +154,10 @@ def attribution_json(graph: PrunedGraph, labels: Labels, *, model: str, provenan
 
 # ---------------------------------------------------------------------------------------- faithfulness.png
 
-def faithfulness_png(report: FaithfulnessReport, title: str) -> bytes:
+def faithfulness_png(report: FaithfulnessReport, title: str, *, correct: str | None = None,
+                     wrong: str | None = None) -> bytes:
+    """Six panels: the three ablation curves (real vs predicted vs random bands, log N), single neurons (real vs
+    predicted), completeness, and the flip sweep (probabilities of the two answers as wrong-pushers go)."""
     import io
 
     import matplotlib
@@ -162,35 +165,105 @@ def faithfulness_png(report: FaithfulnessReport, title: str) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
-    ax1, ax2 = fig.subplots(1, 2)
-    ns = [p.n for p in report.curve]
-    if ns:
-        ax1.plot(ns, [p.change for p in report.curve], "o-", label="top-N ablated (real)", color="#1f5fbf")
-        ax1.plot(ns, [p.predicted_change for p in report.curve], "s--", label="top-N (predicted)", color="#7f9fdf")
-        for kind, color in (("uniform", "#999999"), ("matched", "#d9822b")):
-            mean = [getattr(p, f"{kind}_random_change_mean") or 0.0 for p in report.curve]
-            std = [getattr(p, f"{kind}_random_change_std") or 0.0 for p in report.curve]
-            ax1.errorbar(ns, mean, yerr=std, fmt="^:", color=color, capsize=3, label=f"{kind} random N")
-        ax1.set_xscale("log")
-        ax2.plot([max(p.n, 0.8) for p in report.completeness], [p.normalized for p in report.completeness], "o-",
-                 color="#2b8a3e")
-        ax2.set_xscale("log")
-    ax1.axhline(0, color="black", lw=0.5)
-    ax1.set_xlabel("N neurons ablated")
-    ax1.set_ylabel("metric change")
-    ax1.set_title(f"faithfulness ({report.ablation} ablation)")
-    ax1.legend(fontsize=7)
-    ax2.axhline(1, color="black", lw=0.5, ls=":")
-    ax2.axhline(0, color="black", lw=0.5)
-    ax2.set_xlabel("N top neurons kept (all others ablated)")
-    ax2.set_ylabel("metric recovered (normalised)")
-    ax2.set_title("completeness")
-    fig.suptitle(title[:120], fontsize=9)
+    correct = correct or "correct"
+    wrong = wrong or "wrong"
+    fig = Figure(figsize=(15, 8.6), dpi=100)
+    axes = fig.subplots(2, 3)
+    base = report.unablated_metric
+    panels = [
+        (axes[0, 0], report.curve_wrong, f"ablate top-N pushing toward {wrong!r}\n(should raise the metric)"),
+        (axes[0, 1], report.curve_correct, f"ablate top-N pushing toward {correct!r}\n(should lower the metric)"),
+        (axes[0, 2], report.curve, "ablate top-N by |score|, both signs\n(opposing effects partly cancel)"),
+    ]
+    for ax, points, name in panels:
+        _curve_panel(ax, points, name, flip_at=-base)
+    axes[0, 0].legend(fontsize=7, loc="best")
+
+    ax = axes[1, 0]
+    if report.singles:
+        pred = [p.predicted_change for p in report.singles]
+        real = [p.change for p in report.singles]
+        colors = ["#2166ac" if p.score > 0 else "#b2182b" for p in report.singles]
+        ax.scatter(pred, real, c=colors, s=22, zorder=3)
+        lim = max(max(map(abs, pred)), max(map(abs, real))) * 1.15 or 1.0
+        ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.6, ls=":", label="real = predicted")
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        for p in report.singles[:6]:
+            ax.annotate(f"L{p.layer}/N{p.neuron}@{p.position}", (p.predicted_change, p.change), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.legend(fontsize=7, loc="upper left")
+    ax.axhline(0, color="black", lw=0.4)
+    ax.axvline(0, color="black", lw=0.4)
+    ax.set_xlabel("predicted change (attribution)")
+    ax.set_ylabel("real change")
+    ax.set_title(f"single neurons: top {len(report.singles)} by |score|\n(blue → {correct!r}, red → {wrong!r})",
+                 fontsize=9)
+
+    ax = axes[1, 1]
+    comp = [p for p in report.completeness if p.n > 0]
+    if comp:
+        ax.plot([p.n for p in comp], [p.normalized for p in comp], "o-", color="#2b8a3e", label="top-N kept")
+        ax.set_xscale("log")
+    ax.axhline(1, color="black", lw=0.6, ls=":", label="unablated model")
+    ax.axhline(0, color="black", lw=0.4, label="all neurons ablated")
+    ax.set_xlabel("N top neurons kept (every other neuron ablated)")
+    ax.set_ylabel("metric recovered (normalised)")
+    ax.set_title("completeness", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+
+    ax = axes[1, 2]
+    sweep = report.flip_sweep
+    if sweep:
+        ns = [p.n for p in sweep]
+        ax.plot(ns, [p.correct_prob for p in sweep], "o-", color="#2166ac", label=f"p({correct!r})")
+        ax.plot(ns, [p.wrong_prob for p in sweep], "s-", color="#b2182b", label=f"p({wrong!r})")
+        flipped = [p for p in sweep if p.flipped]
+        if flipped:
+            ax.scatter([p.n for p in flipped], [p.correct_prob for p in flipped], s=120, facecolors="none",
+                       edgecolors="#2b8a3e", linewidths=1.5, zorder=4, label=f"{correct!r} is top-1")
+        for p in sweep:
+            ax.annotate(repr(p.top1_token), (p.n, max(p.correct_prob, p.wrong_prob)), fontsize=6,
+                        xytext=(0, 6), textcoords="offset points", ha="center")
+        ax.set_xscale("log")
+    ax.axhline(report.unablated.correct_prob, color="#2166ac", lw=0.6, ls=":")
+    ax.axhline(report.unablated.wrong_prob, color="#b2182b", lw=0.6, ls=":")
+    ax.set_xlabel(f"N top neurons pushing toward {wrong!r} ablated")
+    ax.set_ylabel("probability (dotted: unablated)")
+    ax.set_title("flip test (labels: top-1 token)", fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+
+    fig.suptitle(f"{title[:140]}\n{report.ablation} ablation · unablated metric {base:+.3f} · "
+                 f"random: {report.random_draws} draws per N", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def _curve_panel(ax, points, name: str, *, flip_at: float) -> None:
+    ax.axhline(0, color="black", lw=0.4)
+    if points:
+        ns = [p.n for p in points]
+        for kind, color, label in (("uniform", "#888888", "N uniform random neurons (mean ± std)"),
+                                   ("matched", "#d9822b", "N random, same (layer, position) slots")):
+            mean = [getattr(p, f"{kind}_random_change_mean") for p in points]
+            if any(m is None for m in mean):
+                continue
+            std = [getattr(p, f"{kind}_random_change_std") or 0.0 for p in points]
+            ax.fill_between(ns, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=color, alpha=0.25, lw=0)
+            ax.plot(ns, mean, ":", color=color, lw=1, label=label)
+        ax.plot(ns, [p.predicted_change for p in points], "s--", color="#7f9fdf", ms=4, label="predicted (−Σ score)")
+        ax.plot(ns, [p.change for p in points], "o-", color="#1f3f8f", ms=5, label="real (ablated forward pass)")
+        ax.set_xscale("log")
+        # Where logit(correct) = logit(wrong): a change past this line flips the pair.
+        ax.axhline(flip_at, color="#2b8a3e", lw=0.7, ls="-.", label="change that equalises the pair")
+    else:
+        ax.text(0.5, 0.5, "no such neurons kept", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    ax.set_xlabel("N neurons ablated")
+    ax.set_ylabel("metric change")
+    ax.set_title(name, fontsize=9)
 
 
 # ------------------------------------------------------------------------------------------------ graph.html
@@ -202,8 +275,10 @@ def json_for_script(data: Any) -> str:
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 
 
-def graph_html(graph_data: dict, attribution: dict, faithfulness: dict | None, *, title: str) -> str:
-    """A self-contained page: layers (y) × token positions (x), nodes coloured by which answer they push."""
+def graph_html(graph_data: dict, attribution: dict, faithfulness: dict | None, *, title: str,
+               faithfulness_png: bytes | None = None) -> str:
+    """A self-contained page: layers (y) × token positions (x), nodes coloured by which answer they push;
+    the faithfulness plot inline (data: URI), the top neurons as a table. Nothing is fetched from the network."""
     payload = {
         "graph": graph_data,
         "neurons": {n["node_id"]: {"labels": n["labels"], "pushes_toward_token": n["pushes_toward_token"]}
@@ -224,11 +299,19 @@ def graph_html(graph_data: dict, attribution: dict, faithfulness: dict | None, *
                f"{len(attribution['neurons'])} neurons kept"]
     if faithfulness and faithfulness.get("flip_test"):
         flip = faithfulness["flip_test"]
+        first = faithfulness.get("first_flip_n")
         summary.append(f"flip test: ablating {flip['n']} wrong-pushing neurons → top-1 {e(repr(flip['top1_token']))} "
-                       f"({'flipped' if flip['flipped'] else 'not flipped'})")
+                       f"({'flipped' if flip['flipped'] else 'not flipped'}"
+                       + (f"; correct token top-1 from N={first}" if first is not None else "") + ")")
+    plot = ""
+    if faithfulness_png:
+        import base64
+
+        plot = (f'<h2>Faithfulness</h2><img class="plot" alt="faithfulness curves" '
+                f'src="data:image/png;base64,{base64.b64encode(faithfulness_png).decode("ascii")}">')
     return _HTML_TEMPLATE.format(
         title=e(title), prompt=e(attribution["formatted_prompt"]), summary=" · ".join(summary),
-        rows="\n".join(rows), data=json_for_script(payload),
+        rows="\n".join(rows), data=json_for_script(payload), plot=plot,
     )
 
 
@@ -249,6 +332,16 @@ _HTML_TEMPLATE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
 <title>{title}</title>
+<script>
+// Script errors and blocked fetches are recorded as attributes of the html element (data-error,
+// data-csp-violation), so a headless-browser test can see them in the dumped DOM.
+window.onerror = function (msg, src, line) {{
+  document.documentElement.setAttribute("data-error", String(msg) + " (line " + line + ")");
+}};
+document.addEventListener("securitypolicyviolation", function (ev) {{
+  document.documentElement.setAttribute("data-csp-violation", String(ev.blockedURI || ev.violatedDirective));
+}});
+</script>
 <style>
 body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 16px; color: #222; background: #fff; }}
 h1 {{ font-size: 18px; margin: 0 0 4px 0; }}
@@ -263,6 +356,8 @@ svg .node {{ cursor: pointer; stroke: #333; stroke-width: 0.6; }}
 svg .node:hover, svg .node.sel {{ stroke-width: 2.5; }}
 #tip {{ position: fixed; pointer-events: none; background: #fffff0; border: 1px solid #999; padding: 6px 8px;
         font-size: 12px; max-width: 460px; display: none; box-shadow: 0 2px 6px rgba(0,0,0,.2); white-space: pre-wrap; }}
+h2 {{ font-size: 15px; margin: 18px 0 6px 0; }}
+img.plot {{ max-width: 100%; border: 1px solid #ddd; }}
 table {{ border-collapse: collapse; font-size: 12px; margin-top: 12px; }}
 td, th {{ border-bottom: 1px solid #eee; padding: 2px 8px; text-align: left; vertical-align: top; }}
 tr.pos td:first-child {{ border-left: 4px solid #2166ac; }}
@@ -276,7 +371,7 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
 <div class="legend"><span><i class="swatch" style="background:#2166ac"></i>pushes toward the correct token</span>
 <span><i class="swatch" style="background:#b2182b"></i>pushes toward the wrong token</span>
 <span>node area ∝ |score| · edge width ∝ |weight| (blue +, red −) · hover a node for its labels</span></div>
-<div id="graph-wrap"><svg id="graph" xmlns="http://www.w3.org/2000/svg"></svg></div>
+<div id="graph-wrap"><svg id="graph"></svg></div>
 <div id="tip"></div>
 <table>
 <thead><tr><th>neuron</th><th>position</th><th>score</th><th>activation</th><th>pushes toward</th><th>label</th></tr></thead>
@@ -284,6 +379,7 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
 {rows}
 </tbody>
 </table>
+{plot}
 <script type="application/json" id="graph-data">{data}</script>
 <script>
 (function () {{
@@ -296,9 +392,24 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
                          .map(function (n) {{ return +n.layer; }});
   var metricNode = g.nodes.filter(function (n) {{ return n.feature_type === "logit"; }})[0];
   var topLayer = metricNode ? +metricNode.layer : (layerNums.length ? Math.max.apply(null, layerNums) + 2 : 2);
-  var colW = 96, rowH = 16, left = 44, top = 20, bottom = 70;
+  var rowH = 18, left = 44, top = 20, bottom = 70, step = 13;
   var rows = topLayer + 1;  // E row, layers 0..topLayer-2, metric row
-  var width = left + colW * T + 20, height = top + rowH * rows + bottom;
+  function rowOf(n) {{
+    if (n.feature_type === "embedding") return 0;
+    if (n.feature_type === "logit") return rows - 1;
+    return +n.layer + 1;
+  }}
+  // Neurons sharing a (layer, position) cell sit side by side; a position's column is as wide as its fullest cell.
+  var cells = {{}}, pos = {{}}, fullest = [];
+  for (var p = 0; p < T; p++) fullest.push(1);
+  g.nodes.forEach(function (n) {{
+    var key = rowOf(n) + ":" + n.ctx_idx;
+    (cells[key] = cells[key] || []).push(n);
+    fullest[n.ctx_idx] = Math.max(fullest[n.ctx_idx], cells[key].length);
+  }});
+  var colX = [], colW = [], x0 = left;
+  for (p = 0; p < T; p++) {{ colX.push(x0); colW.push(Math.max(96, step * fullest[p] + 16)); x0 += colW[p]; }}
+  var width = x0 + 20, height = top + rowH * rows + bottom;
   svg.setAttribute("width", width); svg.setAttribute("height", height);
   function el(name, attrs, text) {{
     var e = document.createElementNS(NS, name);
@@ -306,36 +417,23 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
     if (text !== undefined) e.textContent = text;
     return e;
   }}
-  function rowOf(n) {{
-    if (n.feature_type === "embedding") return 0;
-    if (n.feature_type === "logit") return rows - 1;
-    return +n.layer + 1;
-  }}
   function y(row) {{ return top + rowH * (rows - 1 - row) + rowH / 2; }}
   // Background grid: one band per layer, one column per position.
   for (var r = 0; r < rows; r++) {{
-    if (r % 2 === 0) svg.appendChild(el("rect", {{x: left, y: y(r) - rowH / 2, width: colW * T, height: rowH, fill: "#fafafa"}}));
+    if (r % 2 === 0) svg.appendChild(el("rect", {{x: left, y: y(r) - rowH / 2, width: x0 - left, height: rowH, fill: "#fafafa"}}));
     var name = r === 0 ? "E" : (r === rows - 1 ? "logit" : (r - 1) % 2 === 0 ? "L" + (r - 1) : "");
     if (name) svg.appendChild(el("text", {{x: 4, y: y(r) + 4, "class": "axis"}}, name));
   }}
-  for (var p = 0; p < T; p++) {{
-    svg.appendChild(el("line", {{x1: left + colW * p, x2: left + colW * p, y1: top, y2: top + rowH * rows, stroke: "#eee"}}));
-    var label = el("text", {{x: left + colW * p + colW / 2, y: top + rowH * rows + 14, "text-anchor": "middle"}},
-                   p + ": " + JSON.stringify(tokens[p]).slice(0, 14));
-    svg.appendChild(label);
+  for (p = 0; p < T; p++) {{
+    svg.appendChild(el("line", {{x1: colX[p], x2: colX[p], y1: top, y2: top + rowH * rows, stroke: "#eee"}}));
+    svg.appendChild(el("text", {{x: colX[p] + colW[p] / 2, y: top + rowH * rows + 14, "text-anchor": "middle"}},
+                       p + ": " + JSON.stringify(tokens[p]).slice(0, 14)));
   }}
-  // Node positions: neurons sharing a (layer, position) cell are spread horizontally.
-  var cells = {{}}, pos = {{}};
-  g.nodes.forEach(function (n) {{
-    var key = rowOf(n) + ":" + n.ctx_idx;
-    (cells[key] = cells[key] || []).push(n);
-  }});
   Object.keys(cells).forEach(function (key) {{
     var list = cells[key];
     list.sort(function (a, b) {{ return Math.abs(b.influence || 0) - Math.abs(a.influence || 0); }});
     list.forEach(function (n, i) {{
-      var step = Math.min(14, (colW - 12) / Math.max(1, list.length));
-      var cx = left + colW * n.ctx_idx + colW / 2 + (i - (list.length - 1) / 2) * step;
+      var cx = colX[n.ctx_idx] + colW[n.ctx_idx] / 2 + (i - (list.length - 1) / 2) * step;
       pos[n.node_id] = {{x: cx, y: y(rowOf(n))}};
     }});
   }});
@@ -373,7 +471,7 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
   }}
   g.nodes.forEach(function (n) {{
     var p = pos[n.node_id];
-    var r = n.feature_type === "mlp neuron" ? 2.5 + 7 * Math.sqrt(Math.abs(n.influence || 0) / (maxS || 1)) : 5;
+    var r = n.feature_type === "mlp neuron" ? 2 + 4.5 * Math.sqrt(Math.abs(n.influence || 0) / (maxS || 1)) : 5;
     var fill = n.feature_type === "logit" ? "#444" : n.feature_type === "embedding" ? "#bbb"
              : (n.influence || 0) > 0 ? "#2166ac" : "#b2182b";
     var c = el("circle", {{cx: p.x, cy: p.y, r: r.toFixed(2), fill: fill, "class": "node", "data-node-id": n.node_id}});
@@ -391,6 +489,7 @@ tr.neg td:first-child {{ border-left: 4px solid #b2182b; }}
   }});
   svg.setAttribute("data-rendered-nodes", String(nodeLayer.childNodes.length));
   svg.setAttribute("data-rendered-edges", String(edgeLayer.childNodes.length));
+  document.documentElement.setAttribute("data-rendered", "1");
 }})();
 </script>
 </body>
