@@ -406,7 +406,7 @@ def test_cache_hit_and_different_analysis_refused(embedded, ws, tmp_path):
     stamp = (out / "graph.json").stat().st_mtime_ns
     start = time.perf_counter()
     again = _small(embedded, AUSTRALIA, " Canberra", " Sydney", out, corpus=ws.corpus)
-    assert again.cached and time.perf_counter() - start < 2
+    assert again.cached and time.perf_counter() - start < 5
     assert again.attribution == first.attribution and (out / "graph.json").stat().st_mtime_ns == stamp
     with pytest.raises(ConceptfixError) as exc:
         _small(embedded, AUSTRALIA, " Canberra", " Sydney", out, corpus=ws.corpus, top_k=4)
