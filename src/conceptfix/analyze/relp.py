@@ -42,18 +42,30 @@ if TYPE_CHECKING:  # models.py pulls in pydantic; keep this module importable wi
 # linearised gradient. The original graph below the real value is cut (its input gets no gradient through it).
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Half precision → fp32 for the rule arithmetic; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 class _ScaleRule(torch.autograd.Function):
-    """y = f(x) with a frozen elementwise scale: dL/dx = dL/dy · scale (RMSNorm, activation identity rule)."""
+    """y = f(x) with a frozen elementwise scale: dL/dx = dL/dy · scale (activation identity rule, RMSNorm).
+
+    ``y`` is passed detached: the module's own graph below it is cut and freed (only x gets a gradient).
+    ``scale`` may be a product of broadcastable factors (RMSNorm: [.., 1] inverse RMS times [d] weight), so
+    no full-size scale tensor is kept alive for the backward.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scale)
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(*scales)
         return y.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (scale,) = ctx.saved_tensors
-        return (grad.float() * scale).to(grad.dtype), None, None
+        g = _up(grad)
+        for scale in ctx.saved_tensors:
+            g = g * scale
+        return (g.to(grad.dtype), None) + (None,) * len(ctx.saved_tensors)
 
 
 class _LayerNormRule(torch.autograd.Function):
@@ -67,7 +79,7 @@ class _LayerNormRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         inv_std, weight = ctx.saved_tensors
-        gw = grad.float() * weight
+        gw = _up(grad) * weight
         gx = inv_std * (gw - gw.mean(-1, keepdim=True))
         return gx.to(grad.dtype), None, None, None
 
@@ -87,47 +99,66 @@ class _HalfRule(torch.autograd.Function):
         return half * u, half * a, None
 
 
-def _rms_scale(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The frozen per-element factor of an RMSNorm: rsqrt(mean(x²) + eps) · weight (Gemma: 1 + weight)."""
+def _rms_factors(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The frozen factors of an RMSNorm: rsqrt(mean(x²) + eps) [.., 1] and weight [d] (Gemma: 1 + weight)."""
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if eps is None:
         raise ConceptfixError(f"cannot linearise norm {type(module).__name__}: no eps attribute", field="model")
-    xf = x.float()
+    xf = _up(x.detach())
     inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     weight = getattr(module, "weight", None)
     if weight is None:
-        return inv.expand_as(xf)
-    w = weight.float()
+        return (inv,)
+    w = _up(weight.detach())
     if type(module).__name__.startswith("Gemma"):  # Gemma norms scale by (1 + weight)
         w = 1.0 + w
-    return inv * w
+    return inv, w
 
 
 @dataclass
 class _Linearisation:
     adapter: DecoderAdapter
     handles: list = field(default_factory=list)
-    check_norms: bool = True
+    verify: bool = True
+    checked: set = field(default_factory=set)  # modules whose form is being verified in this context
+    # (max error, max |output|, tolerance, message) per verified module: checked together on exit, one GPU sync
+    pending: list = field(default_factory=list)
 
     def install(self) -> None:
         ad = self.adapter
+        # Validate everything before registering anything: a refused model is left without hooks.
+        for i in range(ad.num_layers):
+            attn, mlp = ad.attention(i), ad.mlp(i)
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if not isinstance(getattr(attn, name, None), nn.Module):
+                    raise ConceptfixError(f"layer {i} attention has no {name} (fused or unusual attention)",
+                                          field="model", hint="supported: separate q/k/v/o projections")
+            for name in ("gate_proj", "up_proj", "act_fn"):
+                if not isinstance(getattr(mlp, name, None), nn.Module):
+                    raise ConceptfixError(f"layer {i} MLP has no {name} module (not a gated down_proj MLP)",
+                                          field="model", hint="supported: down_proj(act(gate_proj(x)) * up_proj(x))")
         for norm in ad.norm_modules():
             self.handles.append(norm.register_forward_hook(self._norm_hook))
         for i in range(ad.num_layers):
             attn = ad.attention(i)
             for name in ("q_proj", "k_proj"):
-                proj = getattr(attn, name, None)
-                if proj is None:
-                    raise ConceptfixError(f"layer {i} attention has no {name}", field="model")
-                self.handles.append(proj.register_forward_hook(_detach_output))
+                self.handles.append(getattr(attn, name).register_forward_hook(_detach_output))
             mlp = ad.mlp(i)
-            for name in ("gate_proj", "up_proj", "act_fn"):
-                if not hasattr(mlp, name):
-                    raise ConceptfixError(f"layer {i} MLP has no {name} (not a gated down_proj MLP)", field="model")
             state: dict[str, torch.Tensor] = {}
             self.handles.append(mlp.act_fn.register_forward_hook(_act_hook(state)))
             self.handles.append(mlp.up_proj.register_forward_hook(_store_output(state, "u")))
-            self.handles.append(mlp.down_proj.register_forward_pre_hook(_product_hook(state, i)))
+            self.handles.append(mlp.down_proj.register_forward_pre_hook(self._product_hook(state, i)))
+
+    def check(self) -> None:
+        """Raise if a verified module did not have the form its rule assumes (all checks, one device sync)."""
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([e.double(), m.double()]) for e, m, *_ in self.pending]).cpu()
+        for (err, top), (_, _, tol, message, hint) in zip(values.tolist(), self.pending):
+            if not err <= tol * (top + 1e-6):  # also catches NaN
+                self.pending.clear()
+                raise ConceptfixError(f"{message} (max error {err:.3g})", field="model", hint=hint)
+        self.pending.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -140,21 +171,44 @@ class _Linearisation:
             return None
         if isinstance(module, nn.LayerNorm) or (type(module).__name__.endswith("LayerNorm")
                                                 and hasattr(module, "normalized_shape")):
-            xf = x.float()
+            xf = _up(x.detach())
             inv_std = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + module.eps)
-            w = module.weight.float() if getattr(module, "weight", None) is not None else torch.ones_like(xf[..., :1])
-            return _LayerNormRule.apply(x, output, inv_std, w)
-        scale = _rms_scale(module, x)
-        if self.check_norms:
+            weight = getattr(module, "weight", None)
+            w = _up(weight.detach()) if weight is not None else torch.ones_like(xf[..., :1])
+            return _LayerNormRule.apply(x, output.detach(), inv_std, w)
+        factors = _rms_factors(module, x)
+        if self.verify and id(module) not in self.checked:
             # The rule is only right if the module really is y = scale · x; refuse silently wrong attributions.
-            err = (scale * x.float() - output.float()).abs().max()
-            tol = 1e-3 if output.dtype == torch.float32 else 5e-2
-            if err > tol * (output.float().abs().max() + 1e-6):
-                raise ConceptfixError(
-                    f"norm module {type(module).__name__} is not an RMSNorm of the expected form (max error {err:.3g})",
-                    field="model", hint="this architecture needs an adapter entry for its norm",
-                )
-        return _ScaleRule.apply(x, output, scale)
+            approx = _up(x.detach())
+            for f in factors:
+                approx = approx * f
+            out = _up(output.detach())
+            tol = 1e-3 if output.dtype in (torch.float32, torch.float64) else 5e-2
+            self.pending.append(((approx - out).abs().max(), out.abs().max(), tol,
+                                 f"norm module {type(module).__name__} is not an RMSNorm of the expected form",
+                                 "this architecture needs an adapter entry for its norm"))
+            self.checked.add(id(module))
+        return _ScaleRule.apply(x, output.detach(), *factors)
+
+
+    def _product_hook(self, state: dict, layer: int):
+        def hook(module: nn.Module, args: tuple):
+            a, u = state.pop("a", None), state.pop("u", None)
+            h = args[0]
+            if a is None or u is None or a.shape != h.shape or u.shape != h.shape:
+                raise ConceptfixError(f"layer {layer}: down_proj input is not act(gate) * up", field="model")
+            if not (a.requires_grad or u.requires_grad):
+                return None
+            if self.verify and ("mlp", layer) not in self.checked:
+                # the half rule is only right if down_proj really receives act(gate) * up
+                hf = _up(h.detach())
+                tol = 1e-5 if h.dtype in (torch.float32, torch.float64) else 2e-2
+                self.pending.append(((_up(a.detach()) * _up(u.detach()) - hf).abs().max(), hf.abs().max(), tol,
+                                     f"layer {layer}: down_proj input is not act(gate) * up",
+                                     "this architecture needs an adapter entry for its MLP"))
+                self.checked.add(("mlp", layer))
+            return (_HalfRule.apply(a, u, h.detach()),) + tuple(args[1:])
+        return hook
 
 
 def _detach_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -164,11 +218,14 @@ def _detach_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torc
 def _act_hook(state: dict):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor):
         z = args[0]
-        zf, af = z.float(), output.float()
+        if not z.requires_grad:
+            state["a"] = output
+            return None
+        zf, af = _up(z.detach()), _up(output.detach())
         # act(z)/z; its limit at z → 0 is act'(0) = 0.5 for SiLU and both GELUs (and a·grad is 0 there anyway)
         small = zf.abs() < 1e-6
         ratio = torch.where(small, torch.full_like(zf, 0.5), af / torch.where(small, torch.ones_like(zf), zf))
-        a = _ScaleRule.apply(z, output, ratio) if z.requires_grad else output
+        a = _ScaleRule.apply(z, output.detach(), ratio)
         state["a"] = a
         return a
     return hook
@@ -180,16 +237,21 @@ def _store_output(state: dict, key: str):
     return hook
 
 
-def _product_hook(state: dict, layer: int):
-    def hook(module: nn.Module, args: tuple):
-        a, u = state.pop("a", None), state.pop("u", None)
-        h = args[0]
-        if a is None or u is None or a.shape != h.shape or u.shape != h.shape:
-            raise ConceptfixError(f"layer {layer}: down_proj input is not act(gate) * up", field="model")
-        if not (a.requires_grad or u.requires_grad):
-            return None
-        return (_HalfRule.apply(a, u, h),) + tuple(args[1:])
-    return hook
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Parameters stop requiring grad inside the block (restored exactly on exit, also on error).
+
+    Attribution needs gradients of activations only; a parameter that requires grad would make every linear
+    layer save its input for a weight gradient nobody uses (memory), and ``backward`` would fill ``.grad``.
+    """
+    changed = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in changed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -197,13 +259,15 @@ def linearized(model: nn.Module) -> Iterator[DecoderAdapter]:
     """Within the block, gradients are those of the RelP-linearised model; forward values are unchanged.
 
     All changes are forward hooks, removed on exit (also on error), so the model is exactly restored.
-    Raises ConceptfixError for an unsupported architecture.
+    Raises ConceptfixError for an unsupported architecture, and on exit if a norm or MLP seen in the block did
+    not compute what its rule assumes (y = scale · x; down_proj input = act(gate) · up).
     """
     adapter = get_adapter(model)
     lin = _Linearisation(adapter)
     try:
         lin.install()
         yield adapter
+        lin.check()  # after a clean block: a model of unexpected form is an error, not a silently wrong result
     finally:
         lin.remove()
 
@@ -272,10 +336,10 @@ def metric_readout(adapter: DecoderAdapter, metric: MetricSpec) -> tuple[torch.T
     for tid, name in ((metric.correct_token_id, "correct"), (metric.wrong_token_id, "wrong")):
         if tid is not None and not 0 <= tid < w.shape[0]:
             raise ConceptfixError(f"token id {tid} outside the vocabulary ({w.shape[0]})", field=name)
-    vec = w[metric.correct_token_id].float()
+    vec = _up(w[metric.correct_token_id])
     const = float(b[metric.correct_token_id]) if b is not None else 0.0
     if metric.kind == "contrastive":
-        vec = vec - w[metric.wrong_token_id].float()
+        vec = vec - _up(w[metric.wrong_token_id])
         if b is not None:
             const -= float(b[metric.wrong_token_id])
     return vec.detach(), const
@@ -331,8 +395,6 @@ def capturing(adapter: DecoderAdapter, *, cut_neurons: bool = False) -> Iterator
                 leaf = h.detach().requires_grad_(True)
                 cap.neurons[layer] = leaf
                 return (leaf,) + tuple(args[1:])
-            if h.requires_grad:
-                h.retain_grad()
             cap.neurons[layer] = h
             return None
         return hook
@@ -343,7 +405,7 @@ def capturing(adapter: DecoderAdapter, *, cut_neurons: bool = False) -> Iterator
 
             def grad_hook(g):
                 dims = tuple(range(1, g.ndim))
-                cap.bias_terms.append((g.float() * bias.float()).sum(dim=dims).detach().cpu())
+                cap.bias_terms.append((_up(g) * _up(bias)).sum(dim=dims).detach().double().cpu())
             output.register_hook(grad_hook)
 
     try:
@@ -385,27 +447,27 @@ def attribute_ids(model: nn.Module, input_ids: torch.Tensor, metric: MetricSpec)
         raise ConceptfixError(f"metric position {metric.position} outside the {num_pos}-token prompt", field="position")
     device = model.get_input_embeddings().weight.device
     input_ids = input_ids.to(device)
-    with torch.inference_mode(False), torch.enable_grad(), linearized(model) as adapter, \
-            capturing(adapter) as cap:
+    with torch.inference_mode(False), torch.enable_grad(), frozen_parameters(model), \
+            linearized(model) as adapter, capturing(adapter) as cap:
         vec, const = metric_readout(adapter, metric)
         hidden = adapter.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
         h_last = hidden[0, metric.position]
-        linear_metric = (h_last.float() * vec.to(h_last.device)).sum() + const
-        linear_metric.backward()
+        linear_metric = (_up(h_last) * vec.to(h_last.device, _up(h_last).dtype)).sum() + const
+        neurons = [cap.neurons[i] for i in range(adapter.num_layers)]
+        # gradients of the embedding leaf and of every down_proj input, nothing else (no parameter .grad)
+        got = torch.autograd.grad(linear_metric, [cap.embeddings] + neurons, allow_unused=True)
 
         value = float(linear_metric.detach())
         emb = cap.embeddings
-        emb_scores = (emb.detach().float() * emb.grad.float()).sum(-1)[0].cpu()
-        acts, grads = [], []
-        for i in range(adapter.num_layers):
-            h = cap.neurons[i]
-            acts.append(h.detach()[0].float().cpu())
-            g = h.grad
-            grads.append(torch.zeros_like(acts[-1]) if g is None else g[0].float().cpu())
+        emb_rel = (_up(emb.detach()) * _up(got[0])).sum(-1)[0]
+        emb_scores = emb_rel.float().cpu()
+        # One device → host copy each, in the model's dtype (bf16 activations and gradients lose nothing, and the
+        # copy, which dominates the cost on a GPU, halves); fp32 on the host.
+        activations = torch.stack([h.detach()[0] for h in neurons]).cpu().float()
+        gradients = torch.stack([torch.zeros_like(h[0]) if g is None else g[0] for h, g in zip(neurons, got[1:])])
+        gradients = gradients.cpu().float()
         bias_total = float(sum(float(t.sum()) for t in cap.bias_terms)) + const
-    activations = torch.stack(acts)
-    gradients = torch.stack(grads)
-    explained = float(emb_scores.sum()) + bias_total
+    explained = float(emb_rel.double().sum()) + bias_total
     residual = abs(explained - value) / max(abs(value), 1e-12)
     return NeuronScores(
         prompt="", formatted_prompt="", input_ids=[int(t) for t in input_ids[0].tolist()], tokens=[],
