@@ -145,6 +145,24 @@ def test_batched_and_one_at_a_time_agree(embedded, result):
             assert one.target_cases[0].correct_prob == pytest.approx(batched_case.correct_prob, abs=1e-4)
 
 
+def test_length_sorted_batches_change_nothing_but_speed(embedded, result):
+    """The default groups prompts by token length for the forward pass; results keep the input order and the
+    decisions of unsorted batching."""
+    from conceptfix.predict import length_sorted_order
+
+    order = length_sorted_order(embedded, [r.prompt for r in RECORDS])
+    lengths = [len(embedded.encode([RECORDS[j].prompt])["input_ids"][0]) for j in order]
+    assert lengths == sorted(lengths) and order != list(range(len(RECORDS)))  # the sort does reorder these
+    unsorted = filter_prompts(embedded, RECORDS, batch_size=3, cache=False, sort_by_length=False, progress=False)
+
+    def decisions(res):
+        return ([(c.prompt, c.answer, c.wrong_token_id, c.correct_token_id, c.correct_rank) for c in res.target_cases],
+                [(d.prompt, d.answer, d.reason) for d in res.dropped])
+
+    # Same lists in the same order: unsorted batching walks the records in input order.
+    assert decisions(unsorted) == decisions(result)
+
+
 def test_rerun_reads_the_cache(embedded, filter_cache, monkeypatch):
     records = RECORDS[:2]
     first = filter_prompts(embedded, records, progress=False)

@@ -46,6 +46,14 @@ def next_token_logits(
         yield out.logits[:, -1, :].float().cpu()
 
 
+def length_sorted_order(loaded: LoadedModel, prompts: list[str]) -> list[int]:
+    """Indices of `prompts` ordered by token length (stable), so a batch holds prompts of similar length
+    and left padding stays small (bank prompts are 4-20 tokens: unsorted batches of 32 are ~40% padding)."""
+    texts = [loaded.format_prompt(p) for p in prompts]
+    ids = loaded.tokenizer(texts, add_special_tokens=not loaded.profile.use_chat_template)["input_ids"]
+    return sorted(range(len(prompts)), key=lambda j: len(ids[j]))
+
+
 def top_k_from_logits(loaded: LoadedModel, logits: torch.Tensor, k: int) -> list[TokenProb]:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     values, indices = torch.topk(logprobs, k)
