@@ -33,6 +33,10 @@ RECORDS = [
     PromptRecord(prompt="Vitamin deficiency causing scurvy is vitamin", answer="C"),
     # Top-1 ' human' repeats the prompt ("the human skin"): not a committed answer.
     PromptRecord(prompt="The largest organ of the human body is the", answer="skin"),
+    # Top-1 ' composed' only leads into the answer ("composed of DNA"): not a wrong answer.
+    PromptRecord(prompt="The genetic material of most organisms is", answer="DNA"),
+    # Top-1 'ache' (no leading space) glues onto "tooth" ("toothache"): not a new answer word.
+    PromptRecord(prompt="The hardest substance in the human body is tooth", answer="enamel"),
 ]
 
 
@@ -84,6 +88,8 @@ def test_hormone_is_a_target_with_the_whole_wrong_word(result):
     assert [c.token for c in case.top_k if c.matches_answer][0] == " al"
     assert case.formatted_prompt == HORMONE  # raw-completion profile
     assert case.source == "seed"
+    # The wrong answer in context, as the model goes on to write it.
+    assert case.wrong_continuation.startswith(" renin") and "aldosterone" not in case.wrong_continuation.lower()
 
 
 def test_france_is_not_a_target(result):
@@ -119,6 +125,32 @@ def test_letter_answer_and_prompt_echo(result):
     assert vitamin.wrong_word == "B12"
     organ = _drop(result, "The largest organ of the human body is the", "skin")
     assert organ.reason == "top1_ambiguous" and "repeats" in organ.detail
+
+
+def test_lead_in_to_the_answer_is_not_a_wrong_answer(result):
+    drop = _drop(result, "The genetic material of most organisms is", "DNA")
+    assert drop.reason == "top1_ambiguous" and drop.top1 == " composed"
+    assert "leads into the answer" in drop.detail and "DNA" in drop.detail
+
+
+def test_word_continuation_is_not_a_new_answer(result):
+    drop = _drop(result, "The hardest substance in the human body is tooth", "enamel")
+    assert drop.reason == "top1_ambiguous" and drop.top1 == "ache"
+    assert "continues the prompt's last word" in drop.detail
+
+
+def test_answer_in_text_and_continues_last_word():
+    from conceptfix.tokens import answer_in_text, continues_last_word
+
+    assert answer_in_text(" female Anopheles mosquito", "mosquito") == "mosquito"
+    assert answer_in_text(" female Anopheles", "mosquito", aliases=["Anopheles"]) == "anopheles"
+    assert answer_in_text(" renin, which is produced by the kidneys", "aldosterone") is None
+    assert answer_in_text(" the mitochondrial matrix", "mitochondria") == "mitochondrial"
+    assert answer_in_text(" a cell", "C") is None  # one-letter answers match whole words only
+    assert continues_last_word("ache", "The hardest substance is tooth")
+    assert not continues_last_word(" ache", "The hardest substance is tooth")
+    assert not continues_last_word("Ald", "<|assistant|>\n")  # a reply may start without a space
+    assert not continues_last_word(",", "The capital of France is")
 
 
 def test_every_prompt_is_accounted_for(result):

@@ -25,13 +25,17 @@ import torch
 from conceptfix.artifacts import content_hash, provenance, write_json
 from conceptfix.errors import ConceptfixError
 from conceptfix.models import LoadedModel, ModelProfile, cache_root
-from conceptfix.predict import complete_word, length_sorted_order, next_token_logits, top_k_from_logits
+from conceptfix.predict import (greedy_continuation, length_sorted_order, next_token_logits, top_k_from_logits,
+                                word_from_pieces)
 from conceptfix.schemas import DroppedPrompt, FilterResult, PromptRecord, TargetCase, TokenCandidate
-from conceptfix.tokens import (FUNCTION_WORDS, MODIFIER_WORDS, check_answer, echoes_prompt, is_comparable_top1,
+from conceptfix.tokens import (FUNCTION_WORDS, MODIFIER_WORDS, answer_in_text, check_answer, continues_last_word,
+                               echoes_prompt, is_comparable_top1,
                                special_token_set, token_kind, token_matches_answer)
 
+# Tokens of greedy continuation after the top-1: its whole word and whether it only leads into the answer.
+CONTINUATION_TOKENS = 8
 # Bump when the decision rules change, so cached results from older rules are not reused.
-FILTER_RULES_VERSION = 1
+FILTER_RULES_VERSION = 2  # 2: word continuations and lead-ins to the answer are ambiguous
 
 DROP_REASONS = ("top1_correct", "top1_ambiguous", "correct_rank_too_low", "correct_not_in_top_k", "invalid")
 
@@ -210,6 +214,9 @@ def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandid
         return drop("top1_ambiguous", f"top-1 {top1.token!r} is a {top1.kind} token, not a committed answer")
     if echoes_prompt(top1.token, record.prompt):
         return drop("top1_ambiguous", f"top-1 {top1.token!r} repeats a word of the prompt")
+    formatted = loaded.format_prompt(record.prompt)
+    if continues_last_word(top1.token, formatted):
+        return drop("top1_ambiguous", f"top-1 {top1.token!r} continues the prompt's last word, not a new answer word")
     correct = next((c for c in table[1:] if c.matches_answer), None)
     if correct is None:
         return drop("correct_not_in_top_k",
@@ -222,13 +229,20 @@ def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandid
         if loaded.tokenizer.encode(cand.token, add_special_tokens=False) != [cand.token_id]:
             return drop("invalid", f"{role} token {cand.token!r} does not re-encode as one token")
 
-    wrong_word = complete_word(loaded, record.prompt, top1.token_id) or top1.token.strip()
+    # What the model goes on to write after its top-1: the whole wrong word, and whether the top-1 only leads
+    # into the right answer ("is composed of DNA", "by the female Anopheles mosquito"): then it is not wrong.
+    continuation = greedy_continuation(loaded, record.prompt, top1.token_id, max_new_tokens=CONTINUATION_TOKENS)
+    wrong_word = word_from_pieces(loaded, top1.token_id, continuation) or top1.token.strip()
+    wrong_continuation = loaded.tokenizer.decode([top1.token_id, *continuation], skip_special_tokens=True)
+    later = answer_in_text(wrong_continuation, record.answer, record.aliases)
+    if later is not None:
+        return drop("top1_ambiguous", f"top-1 {top1.token!r} leads into the answer: {wrong_continuation!r}")
     extras = {k: v for k, v in record.model_dump().items() if k not in PromptRecord.model_fields}
     return TargetCase(
         prompt=record.prompt, answer=record.answer, category=record.category, source=record.source,
         aliases=record.aliases, paraphrases=record.paraphrases, formatted_prompt=loaded.format_prompt(record.prompt),
         top_k=table, wrong_token=top1.token, wrong_token_id=top1.token_id, wrong_prob=top1.prob,
-        wrong_word=wrong_word, correct_token=correct.token, correct_token_id=correct.token_id,
+        wrong_word=wrong_word, wrong_continuation=wrong_continuation, correct_token=correct.token, correct_token_id=correct.token_id,
         correct_rank=correct.rank, correct_prob=correct.prob, contrastive=(correct.token, top1.token),
         **({"record_extra": extras} if extras else {}),
     )

@@ -73,22 +73,36 @@ def top_k_predictions(
 
 
 @torch.no_grad()
-def complete_word(loaded: LoadedModel, prompt: str, first_token_id: int, *, max_new_tokens: int = 8) -> str:
-    """The whole word that starts with `first_token_id`, by greedy continuation (`` ren`` → "renin").
-
-    Stops at the first token that begins a new word (leading whitespace) or is not a word piece.
-    """
+def greedy_continuation(loaded: LoadedModel, prompt: str, first_token_id: int, *, max_new_tokens: int = 8) -> list[int]:
+    """Token ids the model greedily writes after ``prompt`` + ``first_token_id`` (KV-cached, stops at EOS)."""
     enc = loaded.encode([prompt])
-    ids = torch.cat([enc["input_ids"], torch.tensor([[first_token_id]], device=enc["input_ids"].device)], dim=1)
-    word = loaded.token_str(first_token_id)
+    device = enc["input_ids"].device
+    ids = torch.cat([enc["input_ids"], torch.tensor([[first_token_id]], device=device)], dim=1)
+    eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    continuation: list[int] = []
     for _ in range(max_new_tokens):
-        logits = loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[0, -1]
-        next_id = int(torch.argmax(logits))
+        next_id = int(torch.argmax(out.logits[0, -1]))
+        if next_id == eos:
+            break
+        continuation.append(next_id)
+        out = loaded.model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=out.past_key_values,
+                           use_cache=True)
+    return continuation
+
+
+def word_from_pieces(loaded: LoadedModel, first_token_id: int, continuation: list[int]) -> str:
+    """The whole word starting with ``first_token_id``: following pieces up to the first that starts a new word."""
+    word = loaded.token_str(first_token_id)
+    for next_id in continuation:
         piece = loaded.token_str(next_id)
         if not piece or piece[0].isspace() or not (piece[0].isalnum() or piece[0] in "-'"):
             break
-        if next_id == getattr(loaded.tokenizer, "eos_token_id", None):
-            break
         word += piece
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=ids.device)], dim=1)
     return word.strip()
+
+
+def complete_word(loaded: LoadedModel, prompt: str, first_token_id: int, *, max_new_tokens: int = 8) -> str:
+    """The whole word that starts with `first_token_id`, by greedy continuation (`` ren`` → "renin")."""
+    return word_from_pieces(loaded, first_token_id,
+                            greedy_continuation(loaded, prompt, first_token_id, max_new_tokens=max_new_tokens))

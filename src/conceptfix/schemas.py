@@ -64,6 +64,8 @@ class TargetCase(BaseModel):
     wrong_token_id: int
     wrong_prob: float
     wrong_word: str
+    # What the model greedily writes from its top-1 on (a few tokens): the wrong answer in context.
+    wrong_continuation: str = ""
     correct_token: str
     correct_token_id: int
     correct_rank: int

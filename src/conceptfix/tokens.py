@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 import unicodedata
 
 from conceptfix.errors import ConceptfixError
@@ -148,6 +149,33 @@ def echoes_prompt(token_text: str, prompt: str) -> bool:
         return False
     words = {w for w in re.split(r"[^\w'-]+", normalize(prompt)) if w}
     return t in words
+
+
+def continues_last_word(token_text: str, formatted_prompt: str) -> bool:
+    """True when the token glues onto the prompt's last word ("... body is tooth" + ``ache`` → "toothache").
+
+    Only for prompts that end inside a word: after a chat template or an answer prefix ending in ":" or a
+    newline, a reply may legitimately start without a space.
+    """
+    return bool(token_text) and bool(formatted_prompt) and formatted_prompt[-1].isalnum() \
+        and not token_text[0].isspace() and token_text[0].isalnum()
+
+
+def answer_in_text(text: str, answer: str, aliases: Sequence[str] = ()) -> str | None:
+    """The word of ``text`` that is the answer (or an alias), matched on the answer's first word; else None.
+
+    A word matches when it equals the answer's first word, extends it ("mitochondria" / "mitochondrial" from
+    "mitochondria"), or is a prefix of it of at least 4 letters ("ovar" for "ovaries").
+    """
+    words = [w for w in re.split(r"[^\w'-]+", normalize(text)) if w]
+    for candidate in (answer, *aliases):
+        first = next((w for w in re.split(r"[^\w'-]+", normalize(candidate)) if w), "")
+        if not first:
+            continue
+        for w in words:
+            if w == first or (len(first) >= 4 and w.startswith(first)) or (len(w) >= 4 and first.startswith(w)):
+                return w
+    return None
 
 
 def is_content_token(token_text: str, special_tokens: frozenset[str] = frozenset()) -> bool:

@@ -68,7 +68,8 @@ def analyze(loaded, prompt: str, *, correct: str, wrong: str, output_dir: str | 
             ablation: Literal["zero", "mean", "counterfactual"] = "zero", counterfactual_prompt: str | None = None,
             llm_model: str = "gpt-4o", base_url: str | None = None, llm_client=None, llm_max_neurons: int = 40,
             random_draws: int = 8, seed: int = 0, include_first_position: bool = False, overwrite: bool = False,
-            batch_size: int = 32, progress: bool | None = None) -> AnalysisResult:
+            batch_size: int = 32, edge_batch_size: int | None = None,
+            progress: bool | None = None) -> AnalysisResult:
     """Run stage 3 on one prompt and contrastive pair; see the module docstring for the files written.
 
     ``include_first_position=False`` (the default) leaves the neurons at position 0 out of the circuit and out of
@@ -141,7 +142,8 @@ def analyze(loaded, prompt: str, *, correct: str, wrong: str, output_dir: str | 
     if not graph.kept:
         raise ConceptfixError("no neuron passed the pruning threshold", field="--tau", hint="lower --tau or use --top-k")
     if edges:
-        compute_edges(loaded, graph, batch_size=batch_size, progress=progress)
+        # Edge targets per backward: None = per-device default (CPU pays a full forward per copy, GPU does not).
+        compute_edges(loaded, graph, batch_size=edge_batch_size, progress=progress)
 
     # Labels: one (cached) corpus pass gives top contexts (for the kept neurons) and means (for mean ablation).
     by_strength = sorted(graph.kept, key=lambda k: abs(k.score), reverse=True)
@@ -265,7 +267,8 @@ def summary_lines(attribution: dict, faithfulness: dict, *, top: int = 10) -> li
         f"(top-1 {base.get('top1_token', '?')!r}; p({correct!r}) = {base.get('correct_prob', float('nan')):.3f}, "
         f"p({wrong!r}) = {base.get('wrong_prob', float('nan')):.3f})",
         f"conservation residual {attribution['conservation_residual']:.2e}   "
-        f"explained fraction (kept) {attribution['explained_fraction']:.3f}   "
+        f"kept |score| mass {rule.get('kept_abs_mass_fraction', float('nan')):.1%}   "
+        f"Σ kept scores / metric {attribution['explained_fraction']:.3f}   "
         f"kept {len(attribution['neurons'])} neurons ({_rule_text(rule)}{where})",
         "top neurons:",
     ]

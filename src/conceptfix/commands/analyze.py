@@ -56,6 +56,8 @@ def analyze_command(
     random_draws: Annotated[int, typer.Option("--random-draws", min=1, help="Random-neuron control draws per N.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random controls.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Rows per forward/backward pass.")] = 32,
+    edge_batch_size: Annotated[Optional[int], typer.Option("--edge-batch-size", min=1, help="Edge targets per "
+                                                           "backward (default: 32 on GPU, 8 on CPU).")] = None,
     top: Annotated[int, typer.Option("--top", min=1, help="Neurons listed in the summary.")] = 10,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different analysis in --output.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Alias (smollm2-135m), .gguf file, checkpoint "
@@ -129,7 +131,7 @@ def analyze_command(
         edges=edges, no_llm=no_llm, labels_file=labels_file, corpus=corpus, ablation=ablation,
         counterfactual_prompt=counterfactual, llm_model=llm_model, base_url=base_url, llm_max_neurons=llm_max_neurons,
         random_draws=random_draws, seed=seed, include_first_position=include_first_position, overwrite=overwrite,
-        batch_size=batch_size,
+        batch_size=batch_size, edge_batch_size=edge_batch_size,
     )
     if result.cached:
         out.print(escape(f"same inputs as the analysis stored in {output} (pass --overwrite to recompute)"),
