@@ -38,3 +38,13 @@ def tiny_llama_dir(tmp_path_factory, embedded_tokenizer) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for modules of many small tensor ops: on two shared cores two threads stalled at
+    barriers (a 64k-element op went from 25 us to 8 ms; 64 ablation rows from 2.4 s to 9.8 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

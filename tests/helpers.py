@@ -32,3 +32,21 @@ def save_tiny_model(directory: Path, tokenizer, arch: str = "llama", seed: int =
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def run_cli(args: list[str]):
+    """Invoke the `conceptfix` CLI in-process (all commands registered)."""
+    from typer.testing import CliRunner
+
+    from conceptfix.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A user mistake: exit code 2, one line, no traceback, naming every needle (the field, the fix)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

@@ -20,7 +20,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import torch
-from typer.testing import CliRunner
 from werkzeug import Response
 
 import conceptfix.analyze.labels as labels_module
@@ -30,6 +29,7 @@ from conceptfix.analyze.labels import default_corpus
 from conceptfix.analyze.pipeline import OUTPUT_FILES, AnalysisResult, analyze
 from conceptfix.analyze.relp import attribute_neurons, make_metric
 from conceptfix.errors import ConceptfixError
+from tests.helpers import assert_one_line_error, run_cli
 
 HORMONE = "The primary hormone regulating blood pressure is"
 AUSTRALIA = "The capital of Australia is"
@@ -528,19 +528,6 @@ def test_a_page_error_is_detected(chromium, runs, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------- CLI
 
-def _cli(args):
-    import conceptfix.commands  # noqa: F401
-    from conceptfix.cli_app import app
-
-    return CliRunner().invoke(app, args)
-
-
-def _one_line_error(result, field: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output and field in lines[0], result.output
-
-
 CHEAP = ["--top-k", "5", "--no-edges", "--no-llm", "--random-draws", "2", "--device", "cpu", "--dtype", "float32"]
 
 
@@ -548,7 +535,7 @@ def test_cli_prompt_run_answer_prefix_and_cache(embedded, ws, tmp_path):
     out = tmp_path / "cli"
     args = ["analyze", AUSTRALIA, "--answer-prefix", " Answer:", "--contrastive", " Canberra", " Sydney",
             "--tau", "0.05", "--output", str(out), "--corpus", str(ws.corpus), *CHEAP]
-    first = _cli(args)
+    first = run_cli(args)
     assert first.exit_code == 0, first.output
     assert re.search(r"L\d+/N\d+ score=[+-]\d+\.\d\d pos=\d+ '[^']+' → ' (Canberra|Sydney)' label=\[",
                      first.output), first.output
@@ -558,9 +545,9 @@ def test_cli_prompt_run_answer_prefix_and_cache(embedded, ws, tmp_path):
     assert attribution["formatted_prompt"] == AUSTRALIA + " Answer:"
     assert attribution["tokens"][-1] == ":"
     assert embedded.profile.answer_prefix == ""
-    again = _cli(args)
+    again = run_cli(args)
     assert again.exit_code == 0 and "same inputs" in again.output
-    _one_line_error(_cli([*args, "--random-draws", "3"]), "--output")   # a different analysis: refused
+    assert_one_line_error(run_cli([*args, "--random-draws", "3"]), "--output")   # a different analysis: refused
 
 
 def test_cli_case_from_a_filter_result(embedded, ws, tmp_path):
@@ -574,7 +561,7 @@ def test_cli_case_from_a_filter_result(embedded, ws, tmp_path):
     cases = tmp_path / "filtered_prompts.json"
     write_json(cases, result)
     out = tmp_path / "case"
-    done = _cli(["analyze", "--case", f"{cases}#0", "--output", str(out), "--corpus", str(ws.corpus), *CHEAP])
+    done = run_cli(["analyze", "--case", f"{cases}#0", "--output", str(out), "--corpus", str(ws.corpus), *CHEAP])
     assert done.exit_code == 0, done.output
     attribution = json.loads((out / "attribution.json").read_text())
     assert attribution["prompt"] == HORMONE
@@ -608,7 +595,7 @@ def test_cli_bad_input_is_one_line(embedded, tmp_path, args, field):
     subst = {"missing": str(tmp_path / "missing.json"), "cases": str(cases), "notcases": str(tmp_path / "notcases.json")}
     args = [a.format(**subst) if "{" in a else a for a in args]
     start = time.perf_counter()
-    done = _cli([*args, "--output", str(tmp_path / "o"), "--device", "cpu", "--dtype", "float32"])
-    _one_line_error(done, field)
+    done = run_cli([*args, "--output", str(tmp_path / "o"), "--device", "cpu", "--dtype", "float32"])
+    assert_one_line_error(done, field)
     assert time.perf_counter() - start < 10              # refused before any analysis work
     assert not (tmp_path / "o").exists()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conceptfix.errors import ConceptfixError
 from conceptfix.evaluate import EvalCase, EvaluationSettings, evaluate, kl_divergence, pct
@@ -19,6 +18,7 @@ from conceptfix.evaluate.locality import deterministic_order, split_candidates
 from conceptfix.evaluate.paraphrases import bank_paraphrases, clean_paraphrases, with_paraphrases
 from conceptfix.evaluate.report import render_markdown, write_outputs
 from conceptfix.schemas import PromptRecord
+from tests.helpers import assert_one_line_error, run_cli
 
 TARGET = "The primary hormone regulating blood pressure is"
 PARAPHRASES = ["The main hormone that controls blood pressure is",
@@ -219,32 +219,19 @@ def test_outputs_markdown_plot_and_overwrite(boosted_result, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _cli(args):
-    import conceptfix.commands  # noqa: F401
-    from conceptfix.cli_app import app
-
-    return CliRunner().invoke(app, args)
-
-
-def _one_line_error(result, field: str) -> None:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.output and field in lines[0], result.output
-
-
 def test_cli_bad_input(tmp_path, boosted_dir):
-    _one_line_error(_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(tmp_path / "missing"),
+    assert_one_line_error(run_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(tmp_path / "missing"),
                           "--prompt", TARGET, "--correct", "aldosterone", "--wrong", "renin",
                           "--output", str(tmp_path / "o")]), "--tuned")
     config = tmp_path / "sft.yaml"
     config.write_text(f"model_name: smollm2-135m\noutput_dir: {boosted_dir}\ntexts: ['Aldosterone is a hormone.']\n")
-    _one_line_error(_cli(["evaluate", "--config", str(config), "--output", str(tmp_path / "o")]), "target")
-    _one_line_error(_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(boosted_dir), "--prompt", TARGET,
+    assert_one_line_error(run_cli(["evaluate", "--config", str(config), "--output", str(tmp_path / "o")]), "target")
+    assert_one_line_error(run_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(boosted_dir), "--prompt", TARGET,
                           "--correct", "aldosterone", "--output", str(tmp_path / "o")]), "--wrong")
-    _one_line_error(_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(boosted_dir), "--prompt", TARGET,
+    assert_one_line_error(run_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(boosted_dir), "--prompt", TARGET,
                           "--correct", " aldosterone", "--wrong", "renin", "--device", "cpu", "--dtype", "float32",
                           "--output", str(tmp_path / "o")]), "correct")
-    _one_line_error(_cli(["evaluate", "--tuned", str(boosted_dir), "--case", str(tmp_path / "none.json#0"),
+    assert_one_line_error(run_cli(["evaluate", "--tuned", str(boosted_dir), "--case", str(tmp_path / "none.json#0"),
                           "--base", "smollm2-135m", "--output", str(tmp_path / "o")]), "--case")
 
 
@@ -258,7 +245,7 @@ def test_cli_config_run_then_cached(tmp_path, boosted_dir, embedded):
     facts.write_text(json.dumps([r.model_dump() for r in FACTS]))
     out = tmp_path / "eval"
     args = ["evaluate", "--config", str(config), "--output", str(out), "--locality-file", str(facts), "--no-neutral"]
-    first = _cli(args)
+    first = run_cli(args)
     assert first.exit_code == 0, first.output
     assert "23%→5.1%" in first.output and "fixed" in first.output and "locality:" in first.output
     data = json.loads((out / "evaluation.json").read_text())
@@ -267,10 +254,10 @@ def test_cli_config_run_then_cached(tmp_path, boosted_dir, embedded):
     assert data["cases"][0]["case"]["paraphrase_source"] == "config"
     assert embedded.profile.system_prompt is None  # the shared session model's profile is left alone
     assert (out / "probability_shift.png").exists()
-    second = _cli(args)
+    second = run_cli(args)
     assert second.exit_code == 0 and "same inputs" in second.output
-    third = _cli([*args, "--top-k", "5"])  # different settings: refuse rather than overwrite
-    _one_line_error(third, "--output")
+    third = run_cli([*args, "--top-k", "5"])  # different settings: refuse rather than overwrite
+    assert_one_line_error(third, "--output")
 
 
 def test_several_cases_summary_plot(embedded, boosted, tmp_path):

@@ -18,13 +18,7 @@ from tests.helpers import tiny_model
 from tests.relp_reference import hand_direct_effects
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # see tests/test_relp.py: one intra-op thread is much faster for these small tensors on a contended runner
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,14 +24,7 @@ HORMONE = ("The primary hormone regulating blood pressure is", " al", " ren")
 AUSTRALIA = ("The capital of Australia is", " Canberra", " Sydney")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: one intra-op thread is as fast, and immune to the barrier stalls two threads suffer on a
-    # contended 2-core runner (a 64k-element op went from 8 ms to 25 us).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _hooks(model: nn.Module) -> dict[str, int]:
