@@ -291,3 +291,27 @@ def test_cli_bad_input_is_one_line(embedded, tmp_path, filter_cache, content, ex
 def test_cli_missing_input_file(tmp_path):
     res = runner.invoke(app, ["filter", "-i", str(tmp_path / "nope.json"), "-o", str(tmp_path / "o.json")])
     assert res.exit_code == 2 and "--input: file not found" in res.stderr
+
+
+def test_batched_greedy_continuations_match_one_prompt_at_a_time(embedded):
+    """Left-padded batched generation gives the same tokens as an unpadded argmax loop per prompt."""
+    import torch
+
+    from conceptfix.predict import greedy_continuations
+
+    prompts = [HORMONE, AUSTRALIA, "Vitamin deficiency causing scurvy is vitamin", "The genetic material of most organisms is"]
+    firsts = [embedded.tokenizer.encode(t, add_special_tokens=False)[0] for t in (" ren", " Sydney", " B", " composed")]
+    batched = greedy_continuations(embedded, prompts, firsts, max_new_tokens=5, batch_size=4)
+    for prompt, first, got in zip(prompts, firsts, batched):
+        ids = torch.cat([embedded.encode([prompt])["input_ids"], torch.tensor([[first]])], dim=1)
+        expected = []
+        with torch.no_grad():
+            for _ in range(5):
+                next_id = int(embedded.model(input_ids=ids).logits[0, -1].argmax())
+                if next_id == embedded.tokenizer.eos_token_id:
+                    break
+                expected.append(next_id)
+                ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+        assert got == expected, (prompt, embedded.tokenizer.decode(got), embedded.tokenizer.decode(expected))
+    with pytest.raises(ValueError):
+        greedy_continuations(embedded, prompts, firsts[:2])

@@ -25,7 +25,7 @@ import torch
 from conceptfix.artifacts import content_hash, provenance, write_json
 from conceptfix.errors import ConceptfixError
 from conceptfix.models import LoadedModel, ModelProfile, cache_root
-from conceptfix.predict import (greedy_continuation, length_sorted_order, next_token_logits, top_k_from_logits,
+from conceptfix.predict import (greedy_continuations, length_sorted_order, next_token_logits, top_k_from_logits,
                                 word_from_pieces)
 from conceptfix.schemas import DroppedPrompt, FilterResult, PromptRecord, TargetCase, TokenCandidate
 from conceptfix.tokens import (FUNCTION_WORDS, MODIFIER_WORDS, answer_in_text, check_answer, continues_last_word,
@@ -174,10 +174,23 @@ def filter_prompts(
             best = max(float(row[t]) for t in answer_ids[i])
             full_rank[i] = int((row > best).sum()) + 1
 
-    targets: list[TargetCase] = []
+    candidates: dict[int, tuple[TokenCandidate, TokenCandidate]] = {}
     for i in valid:
-        record, table = records[i], tables[i]
-        case_or_drop = _classify(loaded, record, table, special, max_rank=max_rank, vocab_rank=full_rank[i])
+        checked = _precheck(loaded, records[i], tables[i], special, max_rank=max_rank, vocab_rank=full_rank[i])
+        if isinstance(checked, DroppedPrompt):
+            dropped[i] = checked
+        else:
+            candidates[i] = checked
+    # What the model goes on to write after each candidate's top-1 (the whole wrong word, and whether it only
+    # leads into the answer), for all candidates in batched generate calls.
+    pending = sorted(candidates)
+    continuations = dict(zip(pending, greedy_continuations(
+        loaded, [records[i].prompt for i in pending], [candidates[i][0].token_id for i in pending],
+        max_new_tokens=CONTINUATION_TOKENS, batch_size=batch_size)))
+    targets: list[TargetCase] = []
+    for i in pending:
+        top1, correct = candidates[i]
+        case_or_drop = _classify(loaded, records[i], tables[i], full_rank[i], top1, correct, continuations[i])
         if isinstance(case_or_drop, TargetCase):
             targets.append(case_or_drop)
         else:
@@ -199,14 +212,19 @@ def filter_prompts(
     return result
 
 
-def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandidate], special: frozenset[str], *,
-              max_rank: int, vocab_rank: int) -> TargetCase | DroppedPrompt:
-    top1 = table[0]
+def _drop(record: PromptRecord, table: list[TokenCandidate], vocab_rank: int, reason: str, detail: str) -> DroppedPrompt:
     matched_rank = next((c.rank for c in table if c.matches_answer), None)
+    return DroppedPrompt(prompt=record.prompt, answer=record.answer, reason=reason, detail=detail,
+                         top1=table[0].token, top1_prob=table[0].prob, correct_rank=matched_rank or vocab_rank)
+
+
+def _precheck(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandidate], special: frozenset[str], *,
+              max_rank: int, vocab_rank: int) -> DroppedPrompt | tuple[TokenCandidate, TokenCandidate]:
+    """Every rule that needs only the top-k table: a drop, or the (wrong top-1, correct) pair of a candidate."""
+    top1 = table[0]
 
     def drop(reason: str, detail: str) -> DroppedPrompt:
-        return DroppedPrompt(prompt=record.prompt, answer=record.answer, reason=reason, detail=detail,
-                             top1=top1.token, top1_prob=top1.prob, correct_rank=matched_rank or vocab_rank)
+        return _drop(record, table, vocab_rank, reason, detail)
 
     if top1.matches_answer:
         return drop("top1_correct", f"top-1 {top1.token!r} ({top1.prob:.3f}) matches {record.answer!r}")
@@ -214,8 +232,7 @@ def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandid
         return drop("top1_ambiguous", f"top-1 {top1.token!r} is a {top1.kind} token, not a committed answer")
     if echoes_prompt(top1.token, record.prompt):
         return drop("top1_ambiguous", f"top-1 {top1.token!r} repeats a word of the prompt")
-    formatted = loaded.format_prompt(record.prompt)
-    if continues_last_word(top1.token, formatted):
+    if continues_last_word(top1.token, loaded.format_prompt(record.prompt)):
         return drop("top1_ambiguous", f"top-1 {top1.token!r} continues the prompt's last word, not a new answer word")
     correct = next((c for c in table[1:] if c.matches_answer), None)
     if correct is None:
@@ -228,21 +245,26 @@ def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandid
     for role, cand in (("correct", correct), ("wrong", top1)):
         if loaded.tokenizer.encode(cand.token, add_special_tokens=False) != [cand.token_id]:
             return drop("invalid", f"{role} token {cand.token!r} does not re-encode as one token")
+    return top1, correct
 
-    # What the model goes on to write after its top-1: the whole wrong word, and whether the top-1 only leads
-    # into the right answer ("is composed of DNA", "by the female Anopheles mosquito"): then it is not wrong.
-    continuation = greedy_continuation(loaded, record.prompt, top1.token_id, max_new_tokens=CONTINUATION_TOKENS)
+
+def _classify(loaded: LoadedModel, record: PromptRecord, table: list[TokenCandidate], vocab_rank: int,
+              top1: TokenCandidate, correct: TokenCandidate, continuation: list[int]) -> TargetCase | DroppedPrompt:
+    """The rules that need what the model writes after its top-1 (``continuation``, greedy token ids)."""
     wrong_word = word_from_pieces(loaded, top1.token_id, continuation) or top1.token.strip()
     wrong_continuation = loaded.tokenizer.decode([top1.token_id, *continuation], skip_special_tokens=True)
-    later = answer_in_text(wrong_continuation, record.answer, record.aliases)
-    if later is not None:
-        return drop("top1_ambiguous", f"top-1 {top1.token!r} leads into the answer: {wrong_continuation!r}")
+    # A top-1 that only leads into the right answer ("is composed of DNA", "by the female Anopheles mosquito")
+    # is not a wrong answer.
+    if answer_in_text(wrong_continuation, record.answer, record.aliases) is not None:
+        return _drop(record, table, vocab_rank, "top1_ambiguous",
+                     f"top-1 {top1.token!r} leads into the answer: {wrong_continuation!r}")
     extras = {k: v for k, v in record.model_dump().items() if k not in PromptRecord.model_fields}
     return TargetCase(
         prompt=record.prompt, answer=record.answer, category=record.category, source=record.source,
         aliases=record.aliases, paraphrases=record.paraphrases, formatted_prompt=loaded.format_prompt(record.prompt),
         top_k=table, wrong_token=top1.token, wrong_token_id=top1.token_id, wrong_prob=top1.prob,
-        wrong_word=wrong_word, wrong_continuation=wrong_continuation, correct_token=correct.token, correct_token_id=correct.token_id,
-        correct_rank=correct.rank, correct_prob=correct.prob, contrastive=(correct.token, top1.token),
+        wrong_word=wrong_word, wrong_continuation=wrong_continuation, correct_token=correct.token,
+        correct_token_id=correct.token_id, correct_rank=correct.rank, correct_prob=correct.prob,
+        contrastive=(correct.token, top1.token),
         **({"record_extra": extras} if extras else {}),
     )

@@ -73,22 +73,41 @@ def top_k_predictions(
 
 
 @torch.no_grad()
+def greedy_continuations(loaded: LoadedModel, prompts: list[str], first_token_ids: list[int], *,
+                         max_new_tokens: int = 8, batch_size: int = 16) -> list[list[int]]:
+    """Token ids the model greedily writes after each prompt + its first token, up to EOS.
+
+    Batched through transformers' ``generate`` (left padding, KV cache): one call per batch instead of one
+    forward pass per token per prompt.
+    """
+    from transformers import GenerationConfig
+
+    if len(prompts) != len(first_token_ids):
+        raise ValueError("one first token per prompt")
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    continuations: list[list[int]] = []
+    for batch in batched(list(zip(prompts, first_token_ids)), batch_size):
+        enc = loaded.encode([prompt for prompt, _ in batch])
+        first = torch.tensor([[int(t)] for _, t in batch], device=enc["input_ids"].device)
+        ids = torch.cat([enc["input_ids"], first], dim=1)
+        mask = torch.cat([enc["attention_mask"], torch.ones_like(first)], dim=1)
+        generated = loaded.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in generated[:, ids.shape[1]:].tolist():
+            continuation = []
+            for token_id in row:
+                if token_id == eos:
+                    break
+                continuation.append(token_id)
+            continuations.append(continuation)
+    return continuations
+
+
 def greedy_continuation(loaded: LoadedModel, prompt: str, first_token_id: int, *, max_new_tokens: int = 8) -> list[int]:
-    """Token ids the model greedily writes after ``prompt`` + ``first_token_id`` (KV-cached, stops at EOS)."""
-    enc = loaded.encode([prompt])
-    device = enc["input_ids"].device
-    ids = torch.cat([enc["input_ids"], torch.tensor([[first_token_id]], device=device)], dim=1)
-    eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    continuation: list[int] = []
-    for _ in range(max_new_tokens):
-        next_id = int(torch.argmax(out.logits[0, -1]))
-        if next_id == eos:
-            break
-        continuation.append(next_id)
-        out = loaded.model(input_ids=torch.tensor([[next_id]], device=device), past_key_values=out.past_key_values,
-                           use_cache=True)
-    return continuation
+    """:func:`greedy_continuations` for one prompt."""
+    return greedy_continuations(loaded, [prompt], [first_token_id], max_new_tokens=max_new_tokens)[0]
 
 
 def word_from_pieces(loaded: LoadedModel, first_token_id: int, continuation: list[int]) -> str:
