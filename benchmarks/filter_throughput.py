@@ -11,9 +11,9 @@ of each target's wrong token); only how prompts reach the model differs:
   * batched: one ``filter_prompts`` call over all prompts with ``batch_size=B`` (left-padded batches), with
     the prompts in input order ("unsorted") and, the default, grouped by token length ("length-sorted").
 
-The filter cache is off for every run. "forward s" is the time spent inside the next-token forward passes
-(the part batching can speed up); the rest (whole-word completion of target cases, top-k tables) is the same
-work on both sides. "pad %" is the share of processed token positions that are left padding.
+The filter cache is off for every run. "forward s" is the time spent inside the next-token forward passes;
+"continuation s" the time in the greedy whole-word completion of the candidates' top-1 tokens (batched
+``generate`` calls by default; one variant per batch size completes them one prompt at a time, as before). "pad %" is the share of processed token positions that are left padding.
 The script asserts that every variant makes the same decision for every prompt (target case with the same
 wrong/correct tokens, or the same drop reason) and prints any mismatch before failing.
 """
@@ -21,6 +21,7 @@ wrong/correct tokens, or the same drop reason) and prints any mismatch before fa
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import sys
@@ -38,35 +39,55 @@ import conceptfix.filter as filter_module  # noqa: E402
 from conceptfix.filter import filter_prompts  # noqa: E402
 from conceptfix.generate.bank import sample_bank  # noqa: E402
 from conceptfix.models import load_model  # noqa: E402
-from conceptfix.predict import length_sorted_order  # noqa: E402
+from conceptfix.predict import greedy_continuations, length_sorted_order  # noqa: E402
 from conceptfix.schemas import FilterResult, PromptRecord  # noqa: E402
 
 
-class ForwardTimer:
-    """Wraps filter's `next_token_logits` so the time spent producing each batch's logits is summed."""
+class StageTimer:
+    """Wraps one function filter calls (``filter_module.<name>``) and sums the time spent in it.
 
-    def __init__(self) -> None:
+    For a generator (``next_token_logits`` yields one batch of logits at a time) the time to produce each item
+    is summed, not the time the caller spends between items.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
         self.seconds = 0.0
-        self._real = filter_module.next_token_logits
+        self._real = getattr(filter_module, name)
 
-    def __enter__(self) -> "ForwardTimer":
+    def __enter__(self) -> "StageTimer":
+        real = self._real
+
         def timed(*args, **kwargs):
-            gen = self._real(*args, **kwargs)
-            while True:
-                start = time.perf_counter()
-                try:
-                    batch = next(gen)
-                except StopIteration:
-                    self.seconds += time.perf_counter() - start
-                    return
-                self.seconds += time.perf_counter() - start
-                yield batch
+            start = time.perf_counter()
+            result = real(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            if not inspect.isgenerator(result):
+                return result
+            return self._timed_items(result)
 
-        filter_module.next_token_logits = timed
+        setattr(filter_module, self.name, timed)
         return self
 
+    def _timed_items(self, gen):
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(gen)
+            except StopIteration:
+                self.seconds += time.perf_counter() - start
+                return
+            self.seconds += time.perf_counter() - start
+            yield item
+
     def __exit__(self, *exc) -> None:
-        filter_module.next_token_logits = self._real
+        setattr(filter_module, self.name, self._real)
+
+
+def continuations_one_at_a_time(loaded, prompts, first_token_ids, *, max_new_tokens, batch_size):
+    """The whole-word continuations as before they were batched: one prompt per generate call."""
+    return [greedy_continuations(loaded, [p], [t], max_new_tokens=max_new_tokens, batch_size=1)[0]
+            for p, t in zip(prompts, first_token_ids)]
 
 
 Decision = tuple  # ("target", wrong_id, correct_id, correct_rank) or ("drop", reason)
@@ -102,22 +123,30 @@ def padding_share(loaded, records: list[PromptRecord], batch_size: int, sort: bo
     return 1.0 - sum(lengths) / processed
 
 
-def run_naive(loaded, records, args) -> tuple[list[FilterResult], float, float]:
-    with ForwardTimer() as timer:
+def run_naive(loaded, records, args) -> tuple[list[FilterResult], float, float, float]:
+    with StageTimer("next_token_logits") as forward, StageTimer("greedy_continuations") as continuation:
         start = time.perf_counter()
         results = [filter_prompts(loaded, [r], top_k=args.top_k, max_rank=args.max_rank, batch_size=1,
                                   progress=False, skip_invalid=True, cache=False) for r in records]
         total = time.perf_counter() - start
-    return results, total, timer.seconds
+    return results, total, forward.seconds, continuation.seconds
 
 
-def run_batched(loaded, records, args, batch_size: int, sort: bool) -> tuple[list[FilterResult], float, float]:
-    with ForwardTimer() as timer:
-        start = time.perf_counter()
-        result = filter_prompts(loaded, records, top_k=args.top_k, max_rank=args.max_rank, batch_size=batch_size,
-                                progress=False, skip_invalid=True, cache=False, sort_by_length=sort)
-        total = time.perf_counter() - start
-    return [result], total, timer.seconds
+def run_batched(loaded, records, args, batch_size: int, sort: bool,
+                batched_continuations: bool = True) -> tuple[list[FilterResult], float, float, float]:
+    real = filter_module.greedy_continuations
+    if not batched_continuations:
+        filter_module.greedy_continuations = continuations_one_at_a_time
+    try:
+        with StageTimer("next_token_logits") as forward, StageTimer("greedy_continuations") as continuation:
+            start = time.perf_counter()
+            result = filter_prompts(loaded, records, top_k=args.top_k, max_rank=args.max_rank,
+                                    batch_size=batch_size, progress=False, skip_invalid=True, cache=False,
+                                    sort_by_length=sort)
+            total = time.perf_counter() - start
+    finally:
+        filter_module.greedy_continuations = real
+    return [result], total, forward.seconds, continuation.seconds
 
 
 def cpu_name() -> str:
@@ -154,20 +183,23 @@ def main() -> int:
     # Warm-up: first forward passes allocate and pick kernels; neither side should pay for that.
     filter_prompts(loaded, records[:4], batch_size=4, progress=False, skip_invalid=True, cache=False)
 
-    variants: list[tuple[str, int | None, bool]] = [("one prompt per filter call (naive loop)", None, False)]
+    # (label, batch size or None for the naive loop, length-sorted, batched whole-word continuations)
+    variants: list[tuple[str, int | None, bool, bool]] = [("one prompt per filter call (naive loop)", None, False, False)]
     for b in args.batch_size:
         if b == 1:
-            variants.append(("filter_prompts, batch_size=1", 1, False))
+            variants.append(("filter_prompts, batch_size=1", 1, False, True))
         else:
-            variants.append((f"filter_prompts, batch_size={b}, unsorted", b, False))
-            variants.append((f"filter_prompts, batch_size={b}, length-sorted (default)", b, True))
+            variants.append((f"filter_prompts, batch_size={b}, unsorted", b, False, True))
+            variants.append((f"filter_prompts, batch_size={b}, length-sorted, continuations one at a time",
+                             b, True, False))
+            variants.append((f"filter_prompts, batch_size={b}, length-sorted (default)", b, True, True))
     # Repeats are interleaved (all variants, then all again) so a burst of load from other jobs does not
     # land on one variant only; the fastest run of each variant is reported.
     best: dict[str, tuple] = {}
     for _ in range(args.repeats):
-        for label, batch_size, sort in variants:
+        for label, batch_size, sort, batched_cont in variants:
             run = (run_naive(loaded, records, args) if batch_size is None
-                   else run_batched(loaded, records, args, batch_size, sort))
+                   else run_batched(loaded, records, args, batch_size, sort, batched_cont))
             if label not in best or run[1] < best[label][1]:
                 best[label] = run
 
@@ -175,8 +207,8 @@ def main() -> int:
     reference: dict | None = None
     ref_probs: dict | None = None
     mismatches = 0
-    for label, batch_size, sort in variants:
-        results, total, forward = best[label]
+    for label, batch_size, sort, _ in variants:
+        results, total, forward, continuation = best[label]
         got = decisions(results)
         probs = top1_probs(results)
         assert len(got) == len(records), f"{label}: {len(got)} decisions for {len(records)} prompts"
@@ -190,14 +222,16 @@ def main() -> int:
                     print(f"MISMATCH [{label}] {key[0]!r} -> {key[1]!r}: naive {ref} vs {got[key]}")
         targets = sum(d[0] == "target" for d in got.values())
         pad = 0.0 if batch_size is None else padding_share(loaded, records, batch_size, sort)
-        rows.append((label, total, forward, len(records) / total, len(records) / forward, pad, targets, max_dp))
+        rows.append((label, total, forward, continuation, len(records) / total, len(records) / forward, pad, targets,
+                     max_dp))
 
     naive_total = rows[0][1]
     print()
-    print("| variant | total s | forward s | prompts/s | forward prompts/s | pad % | speed-up | targets | max |Δp top-1| |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, total, forward, pps, fpps, pad, targets, max_dp in rows:
-        print(f"| {label} | {total:.2f} | {forward:.2f} | {pps:.1f} | {fpps:.1f} | {100 * pad:.0f} | "
+    print("| variant | total s | forward s | continuation s | prompts/s | forward prompts/s | pad % | speed-up | "
+          "targets | max |Δp top-1| |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for label, total, forward, continuation, pps, fpps, pad, targets, max_dp in rows:
+        print(f"| {label} | {total:.2f} | {forward:.2f} | {continuation:.2f} | {pps:.1f} | {fpps:.1f} | {100 * pad:.0f} | "
               f"{naive_total / total:.2f}x | {targets} | {max_dp:.1e} |")
     print()
     if mismatches:
