@@ -31,8 +31,8 @@ RECORDS = [
     PromptRecord(prompt=AUSTRALIA, answer="Adelaide", aliases=["Perth"]),
     # A letter answer: ' B' is a clearly wrong vitamin, and its whole word is "B12".
     PromptRecord(prompt="Vitamin deficiency causing scurvy is vitamin", answer="C"),
-    # Top-1 ' human' repeats the prompt ("the human skin"): not a committed answer.
-    PromptRecord(prompt="The largest organ of the human body is the", answer="skin"),
+    # Top-1 ' blood' repeats the prompt ("the red blood cell"): not a committed answer.
+    PromptRecord(prompt="The cell that carries oxygen in the blood is the red", answer="erythrocyte"),
     # Top-1 ' composed' only leads into the answer ("composed of DNA"): not a wrong answer.
     PromptRecord(prompt="The genetic material of most organisms is", answer="DNA"),
     # Top-1 'ache' (no leading space) glues onto "tooth" ("toothache"): not a new answer word.
@@ -123,8 +123,8 @@ def test_letter_answer_and_prompt_echo(result):
     vitamin = _case(result, "Vitamin deficiency causing scurvy is vitamin", "C")
     assert vitamin is not None and vitamin.wrong_token == " B" and vitamin.correct_token == " C"
     assert vitamin.wrong_word == "B12"
-    organ = _drop(result, "The largest organ of the human body is the", "skin")
-    assert organ.reason == "top1_ambiguous" and "repeats" in organ.detail
+    red = _drop(result, "The cell that carries oxygen in the blood is the red", "erythrocyte")
+    assert red.reason == "top1_ambiguous" and red.top1 == " blood" and "repeats" in red.detail
 
 
 def test_lead_in_to_the_answer_is_not_a_wrong_answer(result):
@@ -315,3 +315,17 @@ def test_batched_greedy_continuations_match_one_prompt_at_a_time(embedded):
         assert got == expected, (prompt, embedded.tokenizer.decode(got), embedded.tokenizer.decode(expected))
     with pytest.raises(ValueError):
         greedy_continuations(embedded, prompts, firsts[:2])
+
+
+@pytest.mark.parametrize("prompt, answer, top1", [
+    ("The test that records the electrical activity of the brain is an", "electroencephalogram", " example"),
+    ("The hormone that stimulates milk production is", "prolactin", " human"),
+    ("Malaria is transmitted by the", "mosquito", " female"),
+    ("Metformin reduces glucose production in the", "liver", " body"),
+])
+def test_frame_words_and_qualifiers_are_not_wrong_answers(embedded, filter_cache, prompt, answer, top1):
+    """A top-1 that frames ("an example of") or qualifies ("female Anopheles") has not committed to an answer."""
+    result = filter_prompts(embedded, [PromptRecord(prompt=prompt, answer=answer)], top_k=10, cache=False)
+    assert not result.target_cases
+    drop = result.dropped[0]
+    assert drop.top1 == top1 and drop.reason == "top1_ambiguous" and "modifier" in drop.detail

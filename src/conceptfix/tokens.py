@@ -39,7 +39,8 @@ FUNCTION_WORDS = frozenset(
 )
 
 # Open-class words that open a phrase without naming the answer yet: degree/direction modifiers
-# ("increased constipation") and participles that continue the sentence ("is produced by the ...").
+# ("increased constipation"), participles that continue the sentence ("is produced by the ..."), who/what
+# qualifiers ("female Anopheles", "human prolactin") and frame nouns ("an example of", "a type of", "the body").
 # As a top-1 they mean the model has not committed to an answer, so they are not *clearly* wrong.
 MODIFIER_WORDS = frozenset(
     """
@@ -49,6 +50,8 @@ MODIFIER_WORDS = frozenset(
     produced caused made found located released secreted regulated controlled mediated
     characterized associated involved responsible used given seen related linked affected
     because due
+    human male female adult
+    example type kind form part result process body
     """.split()
 )
 
