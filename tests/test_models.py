@@ -169,3 +169,53 @@ def test_checkpoint_directory_with_gguf_marker_loads_unquantised(tmp_path, embed
     assert _is_plain(loaded)
     assert config_path.read_bytes() == before
     assert is_gguf_marker(config["quantization_config"]) and not is_gguf_marker({"quant_method": "bitsandbytes"})
+
+
+# --- hub ids: the local Hugging Face cache first, a clear error at once when the hub cannot be had ----------
+
+def test_uncached_hub_id_offline_is_an_immediate_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConceptfixError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE") as info:
+        load_model("nobody/no-such-model-xyz", device="cpu", reuse=False)
+    assert info.value.field == "model" and "hf download nobody/no-such-model-xyz" in info.value.one_line()
+    assert time.perf_counter() - start < 5
+
+
+def test_uncached_hub_id_with_unreachable_hub_fails_at_once(monkeypatch):
+    import socket
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    with pytest.raises(ConceptfixError, match="cannot be reached") as info:
+        load_model("nobody/no-such-model-xyz", device="cpu", reuse=False)
+    assert info.value.field == "model"
+
+
+def test_cached_hub_id_loads_without_network(tmp_path, tiny_llama_dir):
+    """A hub id laid out in a Hugging Face cache (as `hf download` leaves it) loads from there, online or not,
+    without one request: the hub endpoint points at a closed local port, so any request would fail."""
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for f in tiny_llama_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "hub" / "models--someorg--tiny-llama" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someorg--tiny-llama" / "refs" / "main").write_text("0" * 40)
+    code = ("from conceptfix.models import load_model; m = load_model('someorg/tiny-llama', device='cpu'); "
+            "print(m.num_layers, m.checkpoint)")
+    for offline in ("0", "1"):
+        env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": offline,
+               "HF_ENDPOINT": "http://127.0.0.1:9"}
+        # Asking the closed port retries for minutes before falling back to the cache: the timeout catches that.
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "Retrying" not in out.stderr and "127.0.0.1:9" not in out.stderr, out.stderr[-2000:]
+        assert out.stdout.split() == ["2", "someorg/tiny-llama"], out.stdout

