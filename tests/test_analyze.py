@@ -573,6 +573,8 @@ def test_cli_case_from_a_filter_result(embedded, ws, tmp_path):
     (["analyze", HORMONE, "--case", "x.json#0", "--contrastive", " al", " ren"], "PROMPT"),
     (["analyze", "--contrastive", " al", " ren"], "PROMPT"),
     (["analyze", HORMONE], "--contrastive"),
+    (["analyze", "What is the capital of Australia?", "--contrastive", " Canberra", " Sydney"], "PROMPT"),
+    (["analyze", HORMONE + " ", "--contrastive", " al", " ren"], "PROMPT"),
     (["analyze", "--case", "{missing}#0"], "--case"),
     (["analyze", "--case", "{cases}#x"], "--case"),
     (["analyze", "--case", "{cases}#3"], "--case"),

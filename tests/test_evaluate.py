@@ -233,6 +233,16 @@ def test_cli_bad_input(tmp_path, boosted_dir):
                           "--output", str(tmp_path / "o")]), "correct")
     assert_one_line_error(run_cli(["evaluate", "--tuned", str(boosted_dir), "--case", str(tmp_path / "none.json#0"),
                           "--base", "smollm2-135m", "--output", str(tmp_path / "o")]), "--case")
+    # questions are not completion prompts: from the command line or from the config's target block
+    assert_one_line_error(run_cli(["evaluate", "--base", "smollm2-135m", "--tuned", str(boosted_dir), "--prompt",
+                          "Which hormone regulates blood pressure?", "--correct", "aldosterone", "--wrong", "renin",
+                          "--output", str(tmp_path / "o")]), "--prompt", "ends with '?'")
+    config.write_text(f"model_name: smollm2-135m\noutput_dir: {boosted_dir}\ntexts: ['Aldosterone is a hormone.']\n"
+                      f"target: {{prompt: '{TARGET}', correct: aldosterone, wrong: renin,\n"
+                      f"  paraphrases: ['Is aldosterone the hormone that regulates blood pressure']}}\n")
+    assert_one_line_error(run_cli(["evaluate", "--config", str(config), "--output", str(tmp_path / "o")]),
+                          "target.paraphrases[0]", "yes/no")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_config_run_then_cached(tmp_path, boosted_dir, embedded):

@@ -276,6 +276,12 @@ def test_cli_writes_target_cases_and_refuses_a_different_result(embedded, tmp_pa
     ([{"prompt": FRANCE, "answer": "Paris"}], ["--batch-size", "0"], "--batch-size"),
     ({"records": []}, [], "--input"),
     ([], [], "--input"),
+    # not completion prompts: the next token of a question or a finished sentence is not its answer
+    ([{"prompt": FRANCE, "answer": "Paris"}, {"prompt": "What is the capital of France?", "answer": "Paris"}],
+     [], "[1].prompt"),
+    ([{"prompt": "Is Paris the capital of France", "answer": "yes"}], [], "[0].prompt"),
+    ([{"prompt": "The capital of France is Paris.", "answer": "Paris"}], [], "[0].prompt"),
+    ([{"prompt": FRANCE + " ", "answer": "Paris"}], [], "[0].prompt"),
 ])
 def test_cli_bad_input_is_one_line(embedded, tmp_path, filter_cache, content, extra, field):
     src = _write(tmp_path / "prompts.json", content)
@@ -329,3 +335,12 @@ def test_frame_words_and_qualifiers_are_not_wrong_answers(embedded, filter_cache
     assert not result.target_cases
     drop = result.dropped[0]
     assert drop.top1 == top1 and drop.reason == "top1_ambiguous" and "modifier" in drop.detail
+
+
+def test_skip_invalid_drops_a_question_and_keeps_the_rest(embedded, filter_cache):
+    records = [PromptRecord(prompt="What is the capital of Australia?", answer="Canberra"),
+               PromptRecord(prompt=AUSTRALIA, answer="Canberra")]
+    result = filter_prompts(embedded, records, skip_invalid=True, cache=False)
+    assert [c.prompt for c in result.target_cases] == [AUSTRALIA]
+    (drop,) = result.dropped
+    assert drop.reason == "invalid" and drop.detail.startswith("[0].prompt: ends with '?'")

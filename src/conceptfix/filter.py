@@ -24,6 +24,7 @@ import torch
 
 from conceptfix.artifacts import content_hash, provenance, write_json
 from conceptfix.errors import ConceptfixError
+from conceptfix.generate.validator import prompt_form_violations
 from conceptfix.models import LoadedModel, ModelProfile, cache_root
 from conceptfix.predict import (greedy_continuations, length_sorted_order, next_token_logits, top_k_from_logits,
                                 word_from_pieces)
@@ -35,7 +36,7 @@ from conceptfix.tokens import (FUNCTION_WORDS, MODIFIER_WORDS, answer_in_text, c
 # Tokens of greedy continuation after the top-1: its whole word and whether it only leads into the answer.
 CONTINUATION_TOKENS = 8
 # Bump when the decision rules change, so cached results from older rules are not reused.
-FILTER_RULES_VERSION = 2  # 2: word continuations and lead-ins to the answer are ambiguous
+FILTER_RULES_VERSION = 3  # 2: word continuations and lead-ins to the answer are ambiguous; 3: prompt form checked
 
 DROP_REASONS = ("top1_correct", "top1_ambiguous", "correct_rank_too_low", "correct_not_in_top_k", "invalid")
 
@@ -114,8 +115,9 @@ def filter_prompts(
 ) -> FilterResult:
     """Classify every record; return the target cases and why every other prompt was dropped.
 
-    An answer that cannot be matched (no letters, byte-fragment tokens) raises ConceptfixError naming
-    ``[i].answer``; with ``skip_invalid`` it is dropped as ``invalid`` instead. ``sort_by_length`` batches
+    A prompt that is not a completion (a question, a yes/no question, a finished sentence, stray whitespace)
+    or an answer that cannot be matched (no letters, byte-fragment tokens) raises ConceptfixError naming
+    ``[i].prompt`` / ``[i].answer``; with ``skip_invalid`` it is dropped as ``invalid`` instead. ``sort_by_length`` batches
     prompts of similar token length together (less padding; only speed changes, results keep input order).
     """
     validate_options(top_k, max_rank, batch_size)
@@ -136,6 +138,10 @@ def filter_prompts(
     answer_ids: dict[int, set[int]] = {}
     for i, record in enumerate(records):
         try:
+            form = prompt_form_violations(record.prompt, field=f"[{i}].prompt")
+            if form:
+                raise ConceptfixError(form[0].message, field=form[0].field,
+                                      hint="a completion prompt stops where the answer begins; or --skip-invalid")
             ids = {check_answer(tokenizer, record.answer, field=f"[{i}].answer")[0]}
             for j, alias in enumerate(record.aliases):
                 ids.add(check_answer(tokenizer, alias, field=f"[{i}].aliases[{j}]")[0])

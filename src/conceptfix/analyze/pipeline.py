@@ -16,6 +16,7 @@ from typing import Literal
 
 from conceptfix.artifacts import atomic_write_bytes, atomic_write_text, content_hash, provenance, write_json
 from conceptfix.errors import ConceptfixError
+from conceptfix.generate.validator import prompt_form_violations
 
 OUTPUT_FILES = ("graph.json", "attribution.json", "faithfulness.json", "faithfulness.png", "graph.html")
 MANIFEST = "manifest.json"
@@ -91,6 +92,10 @@ def analyze(loaded, prompt: str, *, correct: str, wrong: str, output_dir: str | 
 
     if not prompt or not prompt.strip():
         raise ConceptfixError("prompt is empty", field="PROMPT")
+    form = prompt_form_violations(prompt, field="PROMPT")
+    if form:  # the metric reads the next token: after a question that is not the answer
+        raise ConceptfixError(form[0].message, field="PROMPT",
+                              hint="a completion prompt stops where the answer begins ('The capital of Australia is')")
     if ablation not in ("zero", "mean", "counterfactual"):
         raise ConceptfixError(f"unknown ablation {ablation!r}", field="--ablation", hint="zero, mean or counterfactual")
     if ablation == "counterfactual" and not counterfactual_prompt:

@@ -24,8 +24,9 @@ def filter_command(
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="How many next tokens to inspect (>= 5).")] = 10,
     max_rank: Annotated[int, typer.Option("--max-rank", help="Worst rank the correct answer may have.")] = 5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per forward pass.")] = 16,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop records whose answer cannot be "
-                                               "matched (reason 'invalid') instead of stopping.")] = False,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop records that are not completion "
+                                               "prompts or whose answer cannot be matched (reason 'invalid') "
+                                               "instead of stopping.")] = False,
     use_cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Reuse a cached result for identical "
                                             "inputs.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different existing output.")] = False,

@@ -27,6 +27,7 @@ from conceptfix.evaluate.core import answer_candidates, evaluate
 from conceptfix.evaluate.paraphrases import with_paraphrases
 from conceptfix.evaluate.report import RESULT_FILE, load_cached, write_outputs
 from conceptfix.evaluate.types import EvalCase, EvaluationResult, EvaluationSettings
+from conceptfix.generate.validator import prompt_form_violations
 from conceptfix.models import ModelProfile, default_profile
 from conceptfix.schemas import PromptRecord, load_prompt_records, load_target_case
 from conceptfix.train.config import SFTConfig, load_sft_config, parse_sft_config
@@ -158,7 +159,21 @@ def _cases(req: EvaluationRequest, cfg: SFTConfig | None) -> list[EvalCase]:
                  for c in cases]
     if req.name and len(cases) == 1:
         cases = [cases[0].model_copy(update={"name": req.name})]
+    _check_prompt_form(cases)
     return cases
+
+
+def _check_prompt_form(cases: list[EvalCase]) -> None:
+    """Every target prompt and paraphrase must be a completion: after a question the next token is no answer."""
+    where = {"config": ("target.prompt", "target.paraphrases"), "cli": ("--prompt", "--paraphrase")}
+    for n, case in enumerate(cases):
+        prompt_field, para_field = where.get(case.source, (f"target_cases[{n}].prompt", f"target_cases[{n}].paraphrases"))
+        texts = [(prompt_field, case.prompt)] + [(f"{para_field}[{i}]", t) for i, t in enumerate(case.paraphrases)]
+        for field, text in texts:
+            form = prompt_form_violations(text, field=field)
+            if form:
+                raise ConceptfixError(form[0].message, field=field,
+                                      hint="a completion prompt stops where the answer begins")
 
 
 def _profile(req: EvaluationRequest, base: str, cfg: SFTConfig | None) -> tuple[ModelProfile, str]:

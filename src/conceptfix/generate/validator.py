@@ -108,6 +108,16 @@ def _check_prompt_text(prompt: str, field: str) -> list[RuleViolation]:
     return found
 
 
+# The rules without which the next token after a prompt says nothing about its answer: the filter and every
+# later stage refuse such prompts, whatever their source (a question's next token is not its answer).
+FORM_RULES = ("empty", "question_format", "yes_no", "not_completion", "whitespace")
+
+
+def prompt_form_violations(prompt: str, field: str = "prompt") -> list[RuleViolation]:
+    """The :data:`FORM_RULES` that ``prompt`` breaks (the other rules are for curating new prompts)."""
+    return [v for v in _check_prompt_text(prompt, field) if v.rule in FORM_RULES]
+
+
 def _check_answer(answer: str, aliases: list[str]) -> list[RuleViolation]:
     found: list[RuleViolation] = []
     if not answer.strip():
