@@ -2,6 +2,7 @@
 
     python benchmarks/filter_throughput.py                      # 128 bank prompts, batch sizes 1 8 32
     python benchmarks/filter_throughput.py --n 256 --batch-size 1 16 64 --repeats 2
+    python benchmarks/filter_throughput.py --llama8b --tokenizer DIR --batch-size 1 8 32 128   # GPU, random weights
 
 Both sides run the real filter code (top-k table, sub-word matching, classification, whole-word completion
 of each target's wrong token); only how prompts reach the model differs:
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 import conceptfix.filter as filter_module  # noqa: E402
 from conceptfix.filter import filter_prompts  # noqa: E402
 from conceptfix.generate.bank import sample_bank  # noqa: E402
-from conceptfix.models import load_model  # noqa: E402
+from conceptfix.models import LoadedModel, ModelProfile, load_model  # noqa: E402
 from conceptfix.predict import greedy_continuations, length_sorted_order  # noqa: E402
 from conceptfix.schemas import FilterResult, PromptRecord  # noqa: E402
 
@@ -149,6 +150,25 @@ def run_batched(loaded, records, args, batch_size: int, sort: bool,
     return [result], total, forward.seconds, continuation.seconds
 
 
+def random_llama8b(tokenizer_dir: str, device: str) -> LoadedModel:
+    """A Llama-3.1-8B-shaped model with random bf16 weights on the GPU (speed and memory are honest, decisions are
+    not), with the tokenizer in ``tokenizer_dir``; the vocabulary is the tokenizer's, so every top-k id decodes."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from attribution import LLAMA_31_8B
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, "vocab_size": len(tokenizer)})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, profile=ModelProfile(), spec="random-llama-3.1-8b-shape",
+                       checkpoint="(random weights)", device="cuda", dtype=torch.bfloat16)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -162,6 +182,9 @@ def cpu_name() -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--llama8b", action="store_true",
+                        help="random Llama-3.1-8B-shaped model, bf16, on the GPU (needs --tokenizer)")
+    parser.add_argument("--tokenizer", help="tokenizer directory for --llama8b")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n", type=int, default=128, help="bank prompts to filter")
     parser.add_argument("--seed", type=int, default=0, help="bank sampling seed")
@@ -175,10 +198,15 @@ def main() -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model, device=args.device)
+    if args.llama8b:
+        if not args.tokenizer:
+            parser.error("--llama8b needs --tokenizer DIR")
+        loaded = random_llama8b(args.tokenizer, "cuda" if args.device == "cpu" else args.device)
+    else:
+        loaded = load_model(args.model, device=args.device)
     records = sample_bank(args.n, seed=args.seed)
     device = cpu_name() if loaded.device == "cpu" else torch.cuda.get_device_name(0)
-    print(f"model {args.model} ({loaded.dtype}) on {loaded.device}: {device}, torch threads {torch.get_num_threads()}")
+    print(f"model {loaded.spec} ({loaded.dtype}) on {loaded.device}: {device}, torch threads {torch.get_num_threads()}")
     print(f"{len(records)} bank prompts (seed {args.seed}), top-k {args.top_k}, max rank {args.max_rank}")
     # Warm-up: first forward passes allocate and pick kernels; neither side should pay for that.
     filter_prompts(loaded, records[:4], batch_size=4, progress=False, skip_invalid=True, cache=False)
@@ -236,6 +264,10 @@ def main() -> int:
     print()
     if mismatches:
         print(f"{mismatches} decision mismatches between the naive loop and batched filtering")
+    if mismatches and loaded.dtype != torch.float32:
+        # bf16 results depend on the batch shape (kernels, padding): a near-tie can flip. Reported, not fatal.
+        print(f"({loaded.dtype}: batch-shape rounding; compare decisions in fp32)")
+        return 0
     assert mismatches == 0, "batched filtering changed decisions"
     print(f"decisions identical across all {len(variants)} variants for all {len(records)} prompts")
     return 0
