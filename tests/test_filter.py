@@ -344,3 +344,17 @@ def test_skip_invalid_drops_a_question_and_keeps_the_rest(embedded, filter_cache
     assert [c.prompt for c in result.target_cases] == [AUSTRALIA]
     (drop,) = result.dropped
     assert drop.reason == "invalid" and drop.detail.startswith("[0].prompt: ends with '?'")
+
+
+def test_end_token_ids_include_the_models_generation_eos(embedded):
+    """A chat model that ends turns with another token than its tokenizer's EOS stops there too."""
+    import copy
+
+    from conceptfix.predict import end_token_ids
+
+    assert end_token_ids(embedded) == [embedded.tokenizer.eos_token_id]
+    other = copy.copy(embedded)
+    other.model = copy.copy(embedded.model)
+    other.model.generation_config = copy.deepcopy(embedded.model.generation_config)
+    other.model.generation_config.eos_token_id = [embedded.tokenizer.eos_token_id, 1]
+    assert end_token_ids(other) == [embedded.tokenizer.eos_token_id, 1]

@@ -72,6 +72,16 @@ def top_k_predictions(
     return results
 
 
+def end_token_ids(loaded: LoadedModel) -> list[int]:
+    """Every id that ends a reply: the tokenizer's EOS and the model's generation EOS ids (Llama-3.1-Instruct ends
+    turns with <|eot_id|>, which is not its tokenizer's only end token)."""
+    ids = [loaded.tokenizer.eos_token_id]
+    generation = getattr(loaded.model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
 def greedy_continuations(loaded: LoadedModel, prompts: list[str], first_token_ids: list[int], *,
                          max_new_tokens: int = 8, batch_size: int = 16) -> list[list[int]]:
@@ -85,9 +95,10 @@ def greedy_continuations(loaded: LoadedModel, prompts: list[str], first_token_id
     if len(prompts) != len(first_token_ids):
         raise ValueError("one first token per prompt")
     tokenizer = loaded.tokenizer
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=eos)
+    eos = end_token_ids(loaded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                              eos_token_id=eos or None)
     continuations: list[list[int]] = []
     for batch in batched(list(zip(prompts, first_token_ids)), batch_size):
         enc = loaded.encode([prompt for prompt, _ in batch])
@@ -98,7 +109,7 @@ def greedy_continuations(loaded: LoadedModel, prompts: list[str], first_token_id
         for row in generated[:, ids.shape[1]:].tolist():
             continuation = []
             for token_id in row:
-                if token_id == eos:
+                if token_id in eos:
                     break
                 continuation.append(token_id)
             continuations.append(continuation)

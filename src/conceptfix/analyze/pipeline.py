@@ -90,9 +90,7 @@ def analyze(loaded, prompt: str, *, correct: str, wrong: str, output_dir: str | 
     from conceptfix.analyze.relp import attribute_neurons, make_metric
     from conceptfix.tokens import resolve_contrastive_token
 
-    if not prompt or not prompt.strip():
-        raise ConceptfixError("prompt is empty", field="PROMPT")
-    form = prompt_form_violations(prompt, field="PROMPT")
+    form = prompt_form_violations(prompt or "", field="PROMPT")
     if form:  # the metric reads the next token: after a question that is not the answer
         raise ConceptfixError(form[0].message, field="PROMPT",
                               hint="a completion prompt stops where the answer begins ('The capital of Australia is')")

@@ -167,7 +167,8 @@ def _check_prompt_form(cases: list[EvalCase]) -> None:
     """Every target prompt and paraphrase must be a completion: after a question the next token is no answer."""
     where = {"config": ("target.prompt", "target.paraphrases"), "cli": ("--prompt", "--paraphrase")}
     for n, case in enumerate(cases):
-        prompt_field, para_field = where.get(case.source, (f"target_cases[{n}].prompt", f"target_cases[{n}].paraphrases"))
+        prompt_field, para_field = where.get(case.source,
+                                             (f"target_cases[{n}].prompt", f"target_cases[{n}].paraphrases"))
         texts = [(prompt_field, case.prompt)] + [(f"{para_field}[{i}]", t) for i, t in enumerate(case.paraphrases)]
         for field, text in texts:
             form = prompt_form_violations(text, field=field)
