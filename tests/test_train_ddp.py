@@ -36,19 +36,10 @@ def test_two_process_ddp_on_cpu(tiny_llama_dir, tmp_path):
     # and the process group uses gloo. (`--cpu` alone would need mpirun for more than one process.)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "CONCEPTFIX_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": "1"}
-    for attempt in range(2):
-        # Once more, with another port, when the processes could not talk to each other: the port is free when
-        # chosen but may be taken before torchrun binds it, and gloo's loopback connection failed once in ~10
-        # full runs on a loaded 2-core machine. Any other failure fails at once.
-        cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-               str(bindir / "conceptfix"), "train", "--config", str(cfg_file), "--json"]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-        transport = [line for line in proc.stderr.splitlines()
-                     if any(s in line.lower() for s in ("address already in use", "gloo", "connection", "timed out"))]
-        if proc.returncode == 0 or not transport:
-            break
-        print(f"DDP attempt {attempt + 1} failed in the transport, retrying:", *transport[-5:], sep="\n  ")
+    cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(bindir / "conceptfix"), "train", "--config", str(cfg_file), "--json"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
     assert proc.returncode == 0, (f"exit {proc.returncode}\n{proc.stdout[-2000:]}\nerror lines:\n"
                                   + "\n".join(errors[-20:]) + f"\n{proc.stderr[-3000:]}")
@@ -64,3 +55,36 @@ def test_two_process_ddp_on_cpu(tiny_llama_dir, tmp_path):
     assert load_model(str(out), device="cpu", dtype="float32", reuse=False).num_layers == 2
     # Only the main process printed the result.
     assert proc.stdout.count('"global_step"') == 1
+
+
+PROBE = """
+import json, time
+from conceptfix.train.sft import _process_state
+state = _process_state("cpu")
+if state.process_index == 1:
+    time.sleep(2)  # rank 0 must wait for it at the barrier
+start = time.perf_counter()
+state.wait_for_everyone()
+record = {"rank": state.process_index, "main": state.is_main_process, "processes": state.num_processes,
+          "type": str(state.distributed_type), "waited": time.perf_counter() - start}
+with open(f"rank{state.process_index}.json", "w") as f:  # one file a rank: their stdout lines interleave
+    json.dump(record, f)
+"""
+
+
+def test_process_state_is_one_group_with_a_real_barrier_before_training(tmp_path):
+    """Before Trainer sets up DDP, train_sft's own process state must already see 2 processes, one main, and a
+    barrier that waits: otherwise both ranks clear and write output_dir at once (a race that failed ~1 run in 6)."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    bindir = Path(sys.executable).parent
+    cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = {r["rank"]: r for r in (json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank*.json")))}
+    assert sorted(ranks) == [0, 1]
+    assert [ranks[0]["main"], ranks[1]["main"]] == [True, False]
+    assert all(r["processes"] == 2 and r["type"].endswith("MULTI_CPU") for r in ranks.values())
+    assert ranks[0]["waited"] > 1.0

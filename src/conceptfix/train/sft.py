@@ -74,11 +74,17 @@ def distributed_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _process_state():
-    """accelerate's process state: initialises the process group under `accelerate launch` (gloo on CPU)."""
+def _process_state(device: str):
+    """accelerate's process state: initialises the process group under `accelerate launch` (gloo on CPU).
+
+    On a machine without a GPU, ``PartialState()`` under ``accelerate launch --multi_gpu`` reports ONE
+    non-distributed process: every rank is then "main" and every barrier a no-op, so all ranks cleared and wrote
+    output_dir at once (a rank that looked while another wrote refused the half-written directory). ``cpu=True``
+    makes it a MULTI_CPU group over gloo, the one Trainer uses too.
+    """
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not device.startswith("cuda"))
 
 
 def resolve_train_device(cfg: SFTConfig) -> str:
@@ -322,7 +328,8 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
 
     output_dir = Path(cfg.output_dir)
     chash = config_hash(cfg)
-    state = _process_state()
+    device = resolve_train_device(cfg)
+    state = _process_state(device)
     # Every process reads the directory before the main process changes it, so all decide alike.
     action, checkpoint = plan_run(output_dir, chash, overwrite=overwrite, resume=resume)
     state.wait_for_everyone()
@@ -336,7 +343,6 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, resume: bool = False, 
                                            **provenance("train", cfg), "world_size": state.num_processes})
     state.wait_for_everyone()
 
-    device = resolve_train_device(cfg)
     set_seed(cfg.seed)  # before model creation: LoRA's initial weights depend on it
     model, tokenizer, dtype, resolved = load_trainable_model(cfg, device)
     dataset = build_dataset(tokenizer, cfg.texts, use_chat_template=cfg.use_chat_template,
