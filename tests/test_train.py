@@ -129,6 +129,18 @@ def test_cli_malformed_yaml_and_empty_texts(tmp_path):
     _assert_one_line_error(_cli(["train", "--config", str(tmp_path / "missing.yaml")]), "file not found")
 
 
+def test_cli_uncached_hub_model_is_refused_at_once(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model_name: nobody/no-such-model-xyz\ndevice: cpu\noutput_dir: {tmp_path / 'out'}\ntexts: [a]\n")
+    start = time.perf_counter()
+    _assert_one_line_error(_cli(["train", "--config", str(cfg)]), "model_name:",
+                           "not in the local Hugging Face cache", "hf download nobody/no-such-model-xyz")
+    assert time.perf_counter() - start < 10
+
+
 def test_shipped_configs_parse():
     seed = load_sft_config(REPO / "configs/sft_seed_example.yaml")
     raw = yaml.safe_load((REPO / "configs/sft_seed_example.yaml").read_text())

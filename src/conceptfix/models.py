@@ -356,7 +356,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _hub_files_only(spec: str, checkpoint: str) -> bool:
+def _hub_files_only(spec: str, checkpoint: str, field: str = "model") -> bool:
     """Whether ``checkpoint`` (a local directory or a hub id) loads without the network; raises when a hub id
     cannot be had at all."""
     if Path(checkpoint).is_dir() or hub_cached(checkpoint):
@@ -364,12 +364,28 @@ def _hub_files_only(spec: str, checkpoint: str) -> bool:
     hint = f"download it once (hf download {checkpoint}) where there is network, or pass a checkpoint directory"
     if _hub_offline():
         raise ConceptfixError(f"{spec!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
-                              field="model", hint=hint)
+                              field=field, hint=hint)
     host = _hub_unreachable()
     if host:
         raise ConceptfixError(f"{spec!r} is not in the local Hugging Face cache and {host} cannot be reached",
-                              field="model", hint=hint)
+                              field=field, hint=hint)
     return False
+
+
+# Said when from_pretrained fails on a spec that resolved (the id or the files are wrong, or access is denied).
+LOAD_FAILURE_HINT = "check the id (org/name), HF_TOKEN for a gated model, or pass a checkpoint directory"
+
+
+def offline_load_kwargs(spec: str, checkpoint: str, field: str = "model") -> dict:
+    """``from_pretrained`` keyword arguments that keep a local or cached checkpoint off the network.
+
+    Raises ConceptfixError at once for a hub id that is neither cached nor reachable.
+    """
+    if not _hub_files_only(spec, checkpoint, field):
+        return {"local_files_only": False}
+    # AutoModel's look-up of a PEFT adapter_config.json does not get local_files_only from transformers:
+    # without adapter_kwargs it asks the hub (retrying for ~25 s when the hub is unreachable) before the cache.
+    return {"local_files_only": True, "adapter_kwargs": {"local_files_only": True}}
 
 
 def _quiet_transformers() -> None:
@@ -423,11 +439,7 @@ def load_model(
     if device == "cuda":
         kwargs["device_map"] = "auto"
     # A cached hub id loads with no network request; the hub is asked only for what is not cached.
-    kwargs["local_files_only"] = _hub_files_only(spec, checkpoint)
-    if kwargs["local_files_only"]:
-        # AutoModel's look-up of a PEFT adapter_config.json does not get local_files_only from transformers:
-        # without this it asks the hub (retrying for ~25 s when the hub is unreachable) before using the cache.
-        kwargs["adapter_kwargs"] = {"local_files_only": True}
+    kwargs.update(offline_load_kwargs(spec, checkpoint))
     _quiet_transformers()
     try:
         tokenizer = load_tokenizer(checkpoint, trust_remote_code=trust_remote_code,
@@ -441,7 +453,7 @@ def load_model(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConceptfixError(
             f"cannot load model {spec!r}: {first}", field="model",
-            hint="check the id (org/name), HF_TOKEN for a gated model, or pass a checkpoint directory",
+            hint=LOAD_FAILURE_HINT,
         ) from None
     if device != "cuda":
         model.to(device)

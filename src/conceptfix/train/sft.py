@@ -104,12 +104,14 @@ def load_trainable_model(cfg: SFTConfig, device: str):
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from conceptfix.models import _hub_offline, _quiet_transformers, load_tokenizer, resolve_checkpoint, resolve_dtype
+    from conceptfix.models import (LOAD_FAILURE_HINT, _quiet_transformers, load_tokenizer, offline_load_kwargs,
+                                   resolve_checkpoint, resolve_dtype)
 
     dtype = resolve_dtype(cfg.dtype, device)
     checkpoint = resolve_checkpoint(cfg.model_name)
-    local_only = not Path(checkpoint).is_dir() and _hub_offline()
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "local_files_only": local_only}
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
+                              **offline_load_kwargs(cfg.model_name, checkpoint, field="model_name")}
+    local_only = kwargs["local_files_only"]
     if device.startswith("cuda") and distributed_world_size() == 1:
         kwargs["device_map"] = "auto" if device == "cuda" else {"": device}
     _quiet_transformers()
@@ -125,7 +127,7 @@ def load_trainable_model(cfg: SFTConfig, device: str):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConceptfixError(f"cannot load model {cfg.model_name!r}: {first}", field="model_name",
-                              hint="hub ids must already be in the local Hugging Face cache") from None
+                              hint=LOAD_FAILURE_HINT) from None
     if cfg.method == "lora":
         model = _wrap_lora(model, cfg)
     return model, tokenizer, dtype, checkpoint
