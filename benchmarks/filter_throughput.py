@@ -169,6 +169,36 @@ def random_llama8b(tokenizer_dir: str, device: str) -> LoadedModel:
                        checkpoint="(random weights)", device="cuda", dtype=torch.bfloat16)
 
 
+def continuation_table(loaded: LoadedModel, prompts: list[str], batch_sizes: list[int], repeats: int) -> None:
+    """`greedy_continuations` after each prompt's own top-1: one prompt per call vs batches (same tokens?)."""
+    firsts = [int(logits.argmax()) for batch in filter_module.next_token_logits(loaded, prompts, progress=False)
+              for logits in batch]
+    tokens = filter_module.CONTINUATION_TOKENS
+
+    def best_of(fn):
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = fn()
+            runs.append((time.perf_counter() - start, out))
+        return min(runs, key=lambda r: r[0])
+
+    best_of(lambda: greedy_continuations(loaded, prompts[:2], firsts[:2], max_new_tokens=tokens))  # warm-up
+    single_s, single = best_of(lambda: continuations_one_at_a_time(loaded, prompts, firsts, max_new_tokens=tokens,
+                                                                   batch_size=1))
+    print(f"\nwhole-word continuation alone: {len(prompts)} prompts, up to {tokens} new tokens each")
+    print("| variant | s | prompts/s | speed-up | same tokens as one at a time |")
+    print("|---|---|---|---|---|")
+    print(f"| one prompt per generate call | {single_s:.2f} | {len(prompts) / single_s:.1f} | 1.00x | - |")
+    for b in batch_sizes:
+        batch_s, out = best_of(lambda: greedy_continuations(loaded, prompts, firsts, max_new_tokens=tokens,
+                                                            batch_size=b))
+        same = sum(a == c for a, c in zip(out, single))
+        print(f"| batches of {b} | {batch_s:.2f} | {len(prompts) / batch_s:.1f} | {single_s / batch_s:.2f}x | "
+              f"{same}/{len(prompts)} |")
+    print()
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -192,6 +222,10 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant; the fastest is reported")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice); 1 is steadier on a busy machine")
+    parser.add_argument("--continuations", type=int, default=0, metavar="K",
+                        help="also time the whole-word continuation alone on K prompts (each with its own top-1), "
+                             "batched vs one prompt per call: a random model puts no prompt through the filter's "
+                             "table rules, so this is how its continuation batching is measured")
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--max-rank", type=int, default=5)
     args = parser.parse_args()
@@ -208,6 +242,9 @@ def main() -> int:
     device = cpu_name() if loaded.device == "cpu" else torch.cuda.get_device_name(0)
     print(f"model {loaded.spec} ({loaded.dtype}) on {loaded.device}: {device}, torch threads {torch.get_num_threads()}")
     print(f"{len(records)} bank prompts (seed {args.seed}), top-k {args.top_k}, max rank {args.max_rank}")
+    if args.continuations:
+        continuation_table(loaded, [r.prompt for r in records[:args.continuations]],
+                           [b for b in args.batch_size if b > 1] or [8], args.repeats)
     # Warm-up: first forward passes allocate and pick kernels; neither side should pay for that.
     filter_prompts(loaded, records[:4], batch_size=4, progress=False, skip_invalid=True, cache=False)
 
