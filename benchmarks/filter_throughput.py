@@ -150,8 +150,8 @@ def run_batched(loaded, records, args, batch_size: int, sort: bool,
     return [result], total, forward.seconds, continuation.seconds
 
 
-def random_llama8b(tokenizer_dir: str, device: str) -> LoadedModel:
-    """A Llama-3.1-8B-shaped model with random bf16 weights on the GPU (speed and memory are honest, decisions are
+def random_llama8b(tokenizer_dir: str, device: str, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    """A Llama-3.1-8B-shaped model with random weights on the GPU (speed and memory are honest, decisions are
     not), with the tokenizer in ``tokenizer_dir``; the vocabulary is the tokenizer's, so every top-k id decodes."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -163,10 +163,10 @@ def random_llama8b(tokenizer_dir: str, device: str) -> LoadedModel:
     config = AutoConfig.for_model("llama", **{**LLAMA_31_8B, "vocab_size": len(tokenizer)})
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, profile=ModelProfile(), spec="random-llama-3.1-8b-shape",
-                       checkpoint="(random weights)", device="cuda", dtype=torch.bfloat16)
+                       checkpoint="(random weights)", device="cuda", dtype=dtype)
 
 
 def continuation_table(loaded: LoadedModel, prompts: list[str], batch_sizes: list[int], repeats: int) -> None:
@@ -213,8 +213,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--llama8b", action="store_true",
-                        help="random Llama-3.1-8B-shaped model, bf16, on the GPU (needs --tokenizer)")
+                        help="random Llama-3.1-8B-shaped model on the GPU (needs --tokenizer; --dtype)")
     parser.add_argument("--tokenizer", help="tokenizer directory for --llama8b")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="--llama8b weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--n", type=int, default=128, help="bank prompts to filter")
     parser.add_argument("--seed", type=int, default=0, help="bank sampling seed")
@@ -235,7 +236,8 @@ def main() -> int:
     if args.llama8b:
         if not args.tokenizer:
             parser.error("--llama8b needs --tokenizer DIR")
-        loaded = random_llama8b(args.tokenizer, "cuda" if args.device == "cpu" else args.device)
+        loaded = random_llama8b(args.tokenizer, "cuda" if args.device == "cpu" else args.device,
+                                getattr(torch, args.dtype))
     else:
         loaded = load_model(args.model, device=args.device)
     records = sample_bank(args.n, seed=args.seed)
