@@ -219,3 +219,20 @@ def test_cached_hub_id_loads_without_network(tmp_path, tiny_llama_dir):
         assert out.returncode == 0, out.stderr[-2000:]
         assert "Retrying" not in out.stderr and "127.0.0.1:9" not in out.stderr, out.stderr[-2000:]
         assert out.stdout.split() == ["2", "someorg/tiny-llama"], out.stdout
+
+
+def test_training_loader_strips_the_gguf_marker_too(tmp_path, embedded_tokenizer):
+    """`train` loads through its own loader (no device map under accelerate): the marker is dropped there too."""
+    from conceptfix.train.config import SFTConfig
+    from conceptfix.train.sft import load_trainable_model
+
+    directory = save_tiny_model(tmp_path / "ckpt", embedded_tokenizer)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    config_path.write_text(json.dumps(config))
+    cfg = SFTConfig(model_name=str(directory), device="cpu", dtype="float32", output_dir=str(tmp_path / "o"),
+                    texts=["Aldosterone is a hormone."])
+    model, *_ = load_trainable_model(cfg, "cpu")
+    assert getattr(model.config, "quantization_config", None) is None
+    assert not getattr(model, "is_quantized", False)

@@ -105,7 +105,7 @@ def load_trainable_model(cfg: SFTConfig, device: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from conceptfix.models import (LOAD_FAILURE_HINT, _quiet_transformers, load_tokenizer, offline_load_kwargs,
-                                   resolve_checkpoint, resolve_dtype)
+                                   resolve_checkpoint, resolve_dtype, strip_gguf_marker)
 
     dtype = resolve_dtype(cfg.dtype, device)
     checkpoint = resolve_checkpoint(cfg.model_name)
@@ -119,10 +119,9 @@ def load_trainable_model(cfg: SFTConfig, device: str):
         tokenizer = load_tokenizer(checkpoint, trust_remote_code=cfg.trust_remote_code, local_files_only=local_only)
         config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=cfg.trust_remote_code,
                                             local_files_only=local_only)
-        if (getattr(config, "quantization_config", None) or {}).get("quant_method") == "gguf":
-            # A GGUF de-quantised into conceptfix's cache holds plain float weights; the stale marker would
-            # make Trainer refuse full fine-tuning and would be copied into the trained checkpoint.
-            del config.quantization_config
+        # A GGUF de-quantised into conceptfix's cache holds plain float weights; the stale marker would make
+        # Trainer refuse full fine-tuning and would be copied into the trained checkpoint.
+        strip_gguf_marker(config)
         model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
