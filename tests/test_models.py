@@ -156,14 +156,20 @@ def test_stale_cache_with_gguf_marker_is_repaired_and_loads(tmp_path, monkeypatc
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~current_umask()
 
 
-def test_checkpoint_directory_with_gguf_marker_loads_unquantised(tmp_path, embedded_tokenizer):
-    """A directory de-quantised elsewhere with the marker left in: loaded as plain weights, the user's
-    files untouched."""
-    directory = save_tiny_model(tmp_path / "ckpt", embedded_tokenizer)
+def _gguf_marked_checkpoint(directory, tokenizer):
+    """A checkpoint directory de-quantised elsewhere with the GGUF marker left in its config.json."""
+    directory = save_tiny_model(directory, tokenizer)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
     config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
     config_path.write_text(json.dumps(config))
+    return directory, config_path, config
+
+
+def test_checkpoint_directory_with_gguf_marker_loads_unquantised(tmp_path, embedded_tokenizer):
+    """A directory de-quantised elsewhere with the marker left in: loaded as plain weights, the user's
+    files untouched."""
+    directory, config_path, config = _gguf_marked_checkpoint(tmp_path / "ckpt", embedded_tokenizer)
     before = config_path.read_bytes()
     loaded = load_model(str(directory), device="cpu", reuse=False)
     assert _is_plain(loaded)
@@ -226,11 +232,7 @@ def test_training_loader_strips_the_gguf_marker_too(tmp_path, embedded_tokenizer
     from conceptfix.train.config import SFTConfig
     from conceptfix.train.sft import load_trainable_model
 
-    directory = save_tiny_model(tmp_path / "ckpt", embedded_tokenizer)
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
-    config_path.write_text(json.dumps(config))
+    directory, _, _ = _gguf_marked_checkpoint(tmp_path / "ckpt", embedded_tokenizer)
     cfg = SFTConfig(model_name=str(directory), device="cpu", dtype="float32", output_dir=str(tmp_path / "o"),
                     texts=["Aldosterone is a hormone."])
     model, *_ = load_trainable_model(cfg, "cpu")

@@ -20,6 +20,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _launch_two(*program: str) -> list[str]:
+    """`accelerate launch` of 2 processes on a free port. --multi_gpu selects accelerate's torchrun launcher; with
+    no GPU visible each process runs on CPU and the process group uses gloo."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *program]
+
+
 def test_two_process_ddp_on_cpu(tiny_llama_dir, tmp_path):
     from conceptfix.models import load_model
 
@@ -31,14 +39,10 @@ def test_two_process_ddp_on_cpu(tiny_llama_dir, tmp_path):
                       "Potassium rises, aldosterone is released.", "Spironolactone blocks aldosterone."])
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    bindir = Path(sys.executable).parent
-    # --multi_gpu selects accelerate's torchrun launcher; with no GPU visible each process trains on CPU
-    # and the process group uses gloo. (`--cpu` alone would need mpirun for more than one process.)
+    # (`accelerate launch --cpu` alone would need mpirun for more than one process.)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "CONCEPTFIX_NO_PROGRESS": "1",
            "OMP_NUM_THREADS": "1"}
-    cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(bindir / "conceptfix"), "train", "--config", str(cfg_file), "--json"]
+    cmd = _launch_two(str(Path(sys.executable).parent / "conceptfix"), "train", "--config", str(cfg_file), "--json")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
     assert proc.returncode == 0, (f"exit {proc.returncode}\n{proc.stdout[-2000:]}\nerror lines:\n"
@@ -77,9 +81,7 @@ def test_process_state_is_one_group_with_a_real_barrier_before_training(tmp_path
     barrier that waits: otherwise both ranks clear and write output_dir at once (a race that failed ~1 run in 6)."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
-    bindir = Path(sys.executable).parent
-    cmd = [str(bindir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(script)]
+    cmd = _launch_two(str(script))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
